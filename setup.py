@@ -1,0 +1,48 @@
+"""Install TopoFlow: the two Hub files, the training script and the `topoflow` library."""
+
+from setuptools import find_packages, setup
+
+# torch is deliberately unpinned: GPU users keep the CUDA build they have; CPU machines install
+# torch==2.13.0 first (see README), which satisfies this range without pulling a CUDA build.
+INSTALL_REQUIRES = [
+    "torch>=2.5",
+    "transformers>=5.0,<6",
+    "accelerate>=1.10",
+    "datasets>=4.0",
+    "safetensors>=0.4",
+    "huggingface-hub>=1.0",
+    "numpy>=1.26",
+    "pyarrow>=17",
+    "matplotlib>=3.8",
+    "tensorboard>=2.15",
+]
+
+EXTRAS_REQUIRE = {
+    # Reading CAQRA-style yearly Zarr / NetCDF reanalysis files.
+    "caqra": ["zarr>=3", "h5netcdf>=1.3", "xarray>=2024.1"],
+    # A local Hub-compatible server for the round-trip test.
+    "hubserver": ["olah>=0.5"],
+}
+EXTRAS_REQUIRE["tests"] = [
+    "pytest>=8",
+    "scipy>=1.11",  # reference implementation the statistics are checked against
+    "ruff>=0.6",
+    *EXTRAS_REQUIRE["caqra"],
+]
+EXTRAS_REQUIRE["dev"] = EXTRAS_REQUIRE["tests"]
+
+setup(
+    name="topoflow",
+    version="0.1.0",
+    description="Topography-aware air-quality forecasting with a ClimaX-style Vision Transformer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["topoflow", "topoflow.*"]),
+    py_modules=["configuration_topoflow", "modeling_topoflow", "train_accelerate"],
+    package_data={"topoflow": ["pretrained/*/*", "pretrained/*/*/*"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["topoflow=topoflow.cli:main"]},
+)
