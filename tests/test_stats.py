@@ -1,0 +1,182 @@
+"""Statistics on synthetic paired losses with known answers; scipy is the reference."""
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from topoflow.stats import (
+    block_bootstrap,
+    block_means,
+    optimal_block_length,
+    paired_samples,
+    seed_spread,
+    student_t_two_sided,
+    verdict,
+    wilcoxon_signed_rank,
+)
+
+LEADS = np.array([12, 24, 48, 96])
+
+
+def _ar1(n: int, rho: float, rng: np.random.Generator) -> np.ndarray:
+    x = np.empty(n)
+    x[0] = rng.normal() / np.sqrt(1 - rho**2)
+    for t in range(1, n):
+        x[t] = rho * x[t - 1] + rng.normal()
+    return x
+
+
+def _control(n_init: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Losses with hourly init times (correlated in time) and four leads per init time."""
+    init = 420_000 + np.arange(n_init)
+    ids = (init[:, None] * 1000 + LEADS[None, :]).ravel()
+    weather = _ar1(n_init, 0.9, rng)
+    loss = 0.4 + 0.05 * weather[:, None] + 0.02 * rng.normal(size=(n_init, LEADS.size))
+    return ids, loss.ravel()
+
+
+def test_identical_arms_show_no_effect():
+    ids, control = _control(300, np.random.default_rng(0))
+    result = verdict(paired_samples(ids, control, ids[::-1], control[::-1]))
+    assert result.bootstrap.mean_reduction == 0.0
+    assert result.bootstrap.ci[0] <= 0.0 <= result.bootstrap.ci[1]
+    assert result.wilcoxon_samples.pvalue == pytest.approx(1.0)
+    assert not result.significant
+    assert result.text.startswith("No significant difference")
+
+
+def test_noise_only_arm_is_not_significant():
+    rng = np.random.default_rng(1)
+    ids, control = _control(400, rng)
+    arm = control + 0.01 * rng.normal(size=control.size)
+    result = verdict(paired_samples(ids, control, ids, arm))
+    lo, hi = result.bootstrap.ci
+    assert lo < 0 < hi
+    assert result.wilcoxon_block_means.pvalue > 0.05
+    assert "contains 0" in result.text
+
+
+def test_planted_effect_is_detected_with_interval_covering_it():
+    rng = np.random.default_rng(2)
+    ids, control = _control(400, rng)
+    delta = 0.004
+    arm = control - delta + 0.01 * rng.normal(size=control.size)
+    result = verdict(paired_samples(ids, control, ids, arm), arm_name="TopoFlow")
+    lo, hi = result.bootstrap.ci
+    assert 0 < lo < delta < hi
+    assert result.significant and result.direction == "TopoFlow better"
+    g_lo, g_hi = result.bootstrap.relative_gain_ci
+    assert g_lo < delta / control.mean() < g_hi
+    assert result.wilcoxon_block_means.pvalue < 0.01
+    assert "excludes 0" in result.text and "TopoFlow better" in result.text
+
+
+def test_worse_arm_is_reported_as_worse():
+    rng = np.random.default_rng(3)
+    ids, control = _control(200, rng)
+    result = verdict(paired_samples(ids, control, ids, control + 0.01), arm_name="arm")
+    assert result.direction == "arm worse"
+    assert result.bootstrap.ci[1] < 0
+
+
+def test_block_bootstrap_is_wider_than_iid_on_ar1_differences():
+    rng = np.random.default_rng(4)
+    n_init = 1000
+    ids = 420_000_000 + 1000 * np.arange(n_init) + 24
+    reduction = 0.01 * _ar1(n_init, 0.9, rng)
+    paired = paired_samples(ids, 1.0 + reduction, ids, np.ones(n_init))
+    block = block_bootstrap(paired)
+    iid = block_bootstrap(paired, block_length=1)
+    assert block.block_length >= 8
+    assert block.block_rule.startswith("Politis-White")
+    width_ratio = (block.ci[1] - block.ci[0]) / (iid.ci[1] - iid.ci[0])
+    # The long-run variance of an AR(1) with rho = 0.9 is (1 + rho) / (1 - rho) = 19 times the
+    # i.i.d. one, so the honest interval is about 4.4 times wider.
+    assert width_ratio > 2.5
+
+
+def test_optimal_block_length_small_for_iid_and_long_for_ar1():
+    rng = np.random.default_rng(5)
+    assert optimal_block_length(rng.normal(size=2000)) <= 3
+    assert optimal_block_length(_ar1(2000, 0.95, rng)) >= 15
+
+
+def test_block_means_average_consecutive_init_times():
+    ids = 1000 * np.arange(10) + 12
+    paired = paired_samples(ids, np.arange(10.0), ids, np.zeros(10))
+    np.testing.assert_allclose(block_means(paired, 4), [1.5, 5.5, 8.5])  # 2 left: half a block
+    np.testing.assert_allclose(block_means(paired, 3), [1.0, 4.0, 7.0])  # 1 left: dropped
+
+
+@pytest.mark.parametrize(
+    ("n", "kind", "kwargs"),
+    [
+        (20, "continuous", {}),
+        (45, "continuous", {}),
+        (200, "continuous", {}),
+        (200, "continuous", {"correction": True}),
+        (120, "ties_zeros", {}),
+        (120, "ties_zeros", {"zero_method": "pratt", "correction": True}),
+        (120, "ties_zeros", {"zero_method": "zsplit"}),
+        (11, "ties_zeros", {}),
+        (30, "continuous", {"method": "asymptotic", "correction": True}),
+    ],
+)
+def test_wilcoxon_matches_scipy(n, kind, kwargs):
+    rng = np.random.default_rng(n)
+    if kind == "continuous":
+        d = rng.normal(0.3, 1.0, size=n)
+    else:
+        d = np.round(rng.normal(0.4, 1.0, size=n) * 2) / 2  # ties and zeros
+        assert (d == 0).any()
+    ours = wilcoxon_signed_rank(d, **kwargs)
+    ref = sps.wilcoxon(d, **kwargs)
+    assert min(ours.r_plus, ours.r_minus) == pytest.approx(float(ref.statistic))
+    assert ours.pvalue == pytest.approx(float(ref.pvalue), rel=1e-6, abs=1e-12)
+
+
+def test_wilcoxon_symmetric_data_gives_p_one():
+    assert wilcoxon_signed_rank(np.array([-2.0, -1.0, 1.0, 2.0])).pvalue == pytest.approx(1.0)
+    assert wilcoxon_signed_rank(np.zeros(10)).pvalue == 1.0
+
+
+def test_paired_samples_align_and_refuse_mismatches():
+    ids = np.array([3012, 1012, 2012])
+    paired = paired_samples(ids, [3.0, 1.0, 2.0], ids[[1, 2, 0]], [0.5, 1.0, 1.5])
+    assert paired.sample_ids.tolist() == [1012, 2012, 3012]
+    np.testing.assert_allclose(paired.reduction, [0.5, 1.0, 1.5])
+    with pytest.raises(ValueError, match="only in control \\[3012\\]"):
+        paired_samples(ids, [1.0, 1.0, 1.0], np.array([1012, 2012, 4012]), [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="duplicated sample ids \\[1012\\]"):
+        paired_samples(np.array([1012, 1012]), [1.0, 1.0], np.array([1012, 2012]), [1.0, 1.0])
+    both_nan = paired_samples(ids, [np.nan, 1.0, 1.0], ids, [np.nan, 2.0, 2.0])
+    assert both_nan.sample_ids.tolist() == [1012, 2012]
+    with pytest.raises(ValueError, match="NaN on one side"):
+        paired_samples(ids, [np.nan, 1.0, 1.0], ids, [1.0, 2.0, 2.0])
+
+
+def test_seed_spread_matches_numpy_and_scipy_paired_t():
+    control = {0: 0.40, 1: 0.42, 2: 0.41, 3: 0.43}
+    arm = {0: 0.38, 1: 0.41, 2: 0.385, 3: 0.42}
+    spread = seed_spread(control, arm)
+    c, a = np.array(list(control.values())), np.array(list(arm.values()))
+    assert spread.control_std == pytest.approx(c.std(ddof=1))
+    assert spread.mean_reduction == pytest.approx((c - a).mean())
+    assert spread.t_pvalue == pytest.approx(sps.ttest_rel(c, a).pvalue, rel=1e-9)
+    assert seed_spread({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.5}).t_pvalue is None
+    with pytest.raises(ValueError, match="seeds differ"):
+        seed_spread({0: 1.0}, {1: 1.0})
+
+
+@pytest.mark.parametrize(("t", "df"), [(0.3, 2), (2.5, 3), (-4.0, 7), (10.0, 30), (1.0, 1)])
+def test_student_t_matches_scipy(t, df):
+    assert student_t_two_sided(t, df) == pytest.approx(2 * sps.t.sf(abs(t), df), rel=1e-9)
+
+
+def test_verdict_text_mentions_seed_spread():
+    rng = np.random.default_rng(6)
+    ids, control = _control(100, rng)
+    spread = seed_spread({0: 0.4, 1: 0.41, 2: 0.39}, {0: 0.38, 1: 0.40, 2: 0.37})
+    result = verdict(paired_samples(ids, control, ids, control - 0.01), seeds=spread)
+    assert "Across 3 seeds" in result.text and "paired t-test p =" in result.text
+    assert result.to_dict()["bootstrap"]["n_samples"] == ids.size
