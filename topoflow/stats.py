@@ -478,7 +478,8 @@ def _fmt(x: float) -> str:
 
 
 def _fmt_p(p: float) -> str:
-    return f"{p:.2g}" if p >= 1e-4 else "< 1e-4"
+    """'p = 0.032' or 'p < 1e-4'."""
+    return f"p = {p:.2g}" if p >= 1e-4 else "p < 1e-4"
 
 
 def verdict(
@@ -530,7 +531,8 @@ def _verdict_text(v: Verdict) -> str:
     b = v.bootstrap
     level = f"{100 * b.confidence:.0f}%"
     effect = (
-        f"{v.arm} changes the {v.metric} by {_fmt(-b.mean_reduction)} relative to {v.control} "
+        f"{v.arm} {'lowers' if b.mean_reduction >= 0 else 'raises'} the {v.metric} by "
+        f"{_fmt(abs(b.mean_reduction))} on average relative to {v.control} "
         f"(reduction {_fmt(b.mean_reduction)}, {level} block-bootstrap CI {_fmt(b.ci[0])} to "
         f"{_fmt(b.ci[1])}; relative gain {100 * b.relative_gain:.2f}%, CI "
         f"{100 * b.relative_gain_ci[0]:.2f}% to {100 * b.relative_gain_ci[1]:.2f}%)"
@@ -544,14 +546,14 @@ def _verdict_text(v: Verdict) -> str:
         f"{b.block_length} consecutive init times ({b.block_rule}), {b.n_boot} resamples."
     )
     tests = (
-        f" Wilcoxon signed-rank p = {_fmt_p(v.wilcoxon_block_means.pvalue)} on {v.n_block_means} "
-        f"block means (p = {_fmt_p(v.wilcoxon_samples.pvalue)} on the samples, which overstates "
+        f" Wilcoxon signed-rank {_fmt_p(v.wilcoxon_block_means.pvalue)} on {v.n_block_means} "
+        f"block means ({_fmt_p(v.wilcoxon_samples.pvalue)} on the samples, which overstates "
         f"significance because consecutive hours are correlated)."
     )
     seeds = ""
     if v.seeds is not None:
         s = v.seeds
-        test = f"paired t-test p = {_fmt_p(s.t_pvalue)}" if s.t_pvalue is not None else s.note
+        test = f"paired t-test {_fmt_p(s.t_pvalue)}" if s.t_pvalue is not None else s.note
         seeds = (
             f" Across {len(s.seeds)} seeds (mean +- std): {v.control} {_fmt(s.control_mean)} +- "
             f"{_fmt(s.control_std)}, {v.arm} {_fmt(s.arm_mean)} +- {_fmt(s.arm_std)}; per-seed "
