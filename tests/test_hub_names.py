@@ -1,0 +1,96 @@
+"""Model name resolution: local path wins, short names, unknown names, Hub ids (topoflow/hub.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from topoflow import hub
+from topoflow.hub import UnknownModelNameError, known_model_names, resolve_model_name
+from topoflow.safety import ManifestError, write_manifest
+
+
+def _model_folder(folder: Path, value: float = 0.0) -> Path:
+    folder.mkdir(parents=True)
+    save_file({"w": torch.full((2, 2), value)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "topoflow"}))
+    write_manifest(folder)
+    return folder
+
+
+@pytest.fixture
+def packaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A packaged-models directory holding topoflow-base and one variant."""
+    root = tmp_path / "pretrained"
+    _model_folder(root / "topoflow-base")
+    _model_folder(root / "topoflow-h2000")
+    monkeypatch.setattr(hub, "PACKAGED_MODELS_DIR", root)
+    return root
+
+
+def test_known_names_are_the_documented_and_the_shipped_ones(packaged: Path) -> None:
+    assert known_model_names() == ["topoflow-base", "topoflow-h2000"]
+
+
+def test_known_short_name_resolves_to_the_verified_packaged_folder(packaged: Path) -> None:
+    assert resolve_model_name("topoflow-base") == str(packaged / "topoflow-base")
+    assert resolve_model_name("topoflow-h2000") == str(packaged / "topoflow-h2000")
+
+
+def test_packaged_folder_with_a_corrupted_weight_file_is_refused(packaged: Path) -> None:
+    weights = packaged / "topoflow-base" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="model.safetensors"):
+        resolve_model_name("topoflow-base")
+
+
+def test_local_path_wins_over_a_short_name(
+    packaged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _model_folder(tmp_path / "topoflow-base", value=1.0)
+    # None: transformers loads the user's own ./topoflow-base, not the packaged one.
+    assert resolve_model_name("topoflow-base") is None
+    assert resolve_model_name(tmp_path / "topoflow-base") is None
+
+
+def test_local_folder_with_a_manifest_is_checked(tmp_path: Path) -> None:
+    folder = _model_folder(tmp_path / "mine")
+    (folder / "config.json").write_text(json.dumps({"model_type": "topoflow", "depth": 99}))
+    with pytest.raises(ManifestError, match="config.json: sha256 differs"):
+        resolve_model_name(str(folder))
+
+
+def test_unknown_name_error_lists_the_known_names(packaged: Path) -> None:
+    with pytest.raises(UnknownModelNameError) as error:
+        resolve_model_name("topoflow-bse")
+    message = str(error.value)
+    assert "'topoflow-bse'" in message
+    assert "topoflow-base, topoflow-h2000" in message
+    assert "org/name" in message
+
+
+def test_hub_ids_are_left_to_the_hub(packaged: Path) -> None:
+    for name in ("acme/topoflow-base", "acme/topoflow.v2", "Org_1/model-name"):
+        assert resolve_model_name(name) is None
+
+
+def test_missing_paths_are_not_mistaken_for_hub_ids(tmp_path: Path) -> None:
+    for name in (str(tmp_path / "nope"), "./nope", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            resolve_model_name(name)
+
+
+def test_documented_name_missing_from_the_installation_says_how_to_regenerate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub, "PACKAGED_MODELS_DIR", tmp_path / "empty")
+    assert "topoflow-base" in known_model_names()
+    with pytest.raises(FileNotFoundError, match="does not ship it.*regenerate with"):
+        resolve_model_name("topoflow-base")
