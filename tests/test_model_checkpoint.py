@@ -144,7 +144,12 @@ def test_head_has_decoder_depth_hidden_layers_plus_output(decoder_depth):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"decoder_depth": 0}, {"decoder_depth": 1}, {"decoder_depth": 3}, {"target_variables": ["o3"]}],
+    [
+        {"decoder_depth": 0},
+        {"decoder_depth": 1},
+        {"decoder_depth": 3},
+        {"target_variables": ["o3"]},
+    ],
 )
 def test_checkpoint_with_a_different_head_fails_loudly(tmp_path, overrides):
     TopoFlowForForecasting(make_tiny_config(decoder_depth=2)).save_pretrained(tmp_path)
@@ -174,8 +179,18 @@ def test_saved_folder_is_self_describing(tmp_path):
     )  # fmt: skip
     TopoFlowForForecasting(config).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    for key in ("variables", "target_variables", "variable_mean", "variable_std", "img_size",
-                "lead_times_hours", "variable_units", "grid", "region_mask_description", "corpus"):
+    for key in (
+        "variables",
+        "target_variables",
+        "variable_mean",
+        "variable_std",
+        "img_size",
+        "lead_times_hours",
+        "variable_units",
+        "grid",
+        "region_mask_description",
+        "corpus",
+    ):
         assert saved[key] == getattr(config, key), key  # fmt: skip
     assert saved["auto_map"] == {
         "AutoConfig": "configuration_topoflow.TopoFlowConfig",
