@@ -241,9 +241,9 @@ _YEARS = {"train": ("2015-01-01", "2017-01-01"), "validation": ("2017-01-01", "2
           "test": ("2018-01-01", "2019-01-01")}  # fmt: skip
 SIZES: dict[str, CorpusSize] = {
     # 4 shards per split so 2 ranks x 2 dataloader workers each get one shard.
-    "tiny": CorpusSize(16, 32, {"train": ("2015-01-01", "2015-01-21"),
-                                "validation": ("2015-01-21", "2015-02-10"),
-                                "test": ("2015-02-10", "2015-03-02")}, 4),  # fmt: skip
+    "tiny": CorpusSize(16, 32, {"train": ("2015-01-01", "2015-01-13"),
+                                "validation": ("2015-01-13", "2015-01-25"),
+                                "test": ("2015-01-25", "2015-02-06")}, 4),  # fmt: skip
     "default": CorpusSize(32, 64, _YEARS, None),
     "large": CorpusSize(64, 128, _YEARS, None),
 }
@@ -259,14 +259,16 @@ def split_edges_for(size: CorpusSize) -> dict[str, list[int]]:
 
 
 def grid_from_static(static: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Grid box from cell-centre coordinates: lat/lon min/max are the outer cell *edges*."""
     lat, lon = np.asarray(static["lat2d"], np.float64), np.asarray(static["lon2d"], np.float64)
     height, width = lat.shape
-    resolution = abs(float(lat[1, 0] - lat[0, 0]) if height > 1 else float(lon[0, 1] - lon[0, 0]))
+    res = abs(float(lat[1, 0] - lat[0, 0]) if height > 1 else float(lon[0, 1] - lon[0, 0]))
+    half = res / 2
     return {
         "height": height, "width": width,
-        "lat_min": float(lat.min()), "lat_max": float(lat.max()),
-        "lon_min": float(lon.min()), "lon_max": float(lon.max()),
-        "resolution_deg": round(resolution, 6),
+        "lat_min": round(float(lat.min()) - half, 6), "lat_max": round(float(lat.max()) + half, 6),
+        "lon_min": round(float(lon.min()) - half, 6), "lon_max": round(float(lon.max()) + half, 6),
+        "resolution_deg": round(res, 6),
     }  # fmt: skip
 
 
@@ -369,6 +371,11 @@ def write_default_corpus(
         height=preset.height, width=preset.width, start=start, end=end,
         output_step_hours=preset.time_step_hours, seed=seed, terrain_blocking=terrain_blocking,
     )  # fmt: skip
+    from .atmosphere import UNITS as GENERATOR_UNITS
+
+    drift = {v: (u, UNITS.get(v)) for v, u in GENERATOR_UNITS.items() if UNITS.get(v) != u}
+    if drift:
+        raise CorpusError(f"atmosphere.UNITS != schema.UNITS (generator, schema): {drift}")
     terrain = make_terrain(params)
     static = {v: getattr(terrain, v) for v in (*STATIC_VARIABLES, "region_id")}
     writer = CorpusWriter(

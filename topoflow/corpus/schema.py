@@ -46,13 +46,14 @@ DEFAULT_INPUT_VARIABLES: tuple[str, ...] = (
     "lat2d", "lon2d", "pm25", "elevation", "population",
 )  # fmt: skip
 
-# CAQRA's units: CO is in mg/m3, the other pollutants in ug/m3.
+# Canonical units of every corpus (CAQRA's: CO in mg/m3, the other pollutants in ug/m3). The
+# embedded generator writes these (build.py checks), the CAQRA converter converts into them.
 UNITS: dict[str, str] = {
     "u": "m/s",
     "v": "m/s",
     "temp": "K",
     "rh": "%",
-    "psfc": "Pa",
+    "psfc": "hPa",
     "pm25": "ug/m3",
     "pm10": "ug/m3",
     "so2": "ug/m3",
@@ -60,11 +61,11 @@ UNITS: dict[str, str] = {
     "co": "mg/m3",
     "o3": "ug/m3",
     "elevation": "m",
-    "population": "people/km^2",
+    "population": "people/km2",
     "lat2d": "degrees_north",
     "lon2d": "degrees_east",
     "land_fraction": "1",
-    "region_id": "code",
+    "region_id": "1",
 }
 
 
