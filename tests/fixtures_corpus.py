@@ -67,8 +67,10 @@ def write_synthetic_corpus(
     hours = np.arange(first, last, 6, dtype=np.int64)
     for chunk in np.array_split(hours, 7):  # chunks that straddle shard edges on purpose
         fields = {}
+        # A trend in time makes the training split's statistics differ from the whole corpus's.
+        trend = 0.05 * (chunk - first)[:, None, None] / 6
         for k, v in enumerate(variables):
-            field = (k + 1) * 10 + rng.standard_normal((len(chunk), height, width))
+            field = (k + 1) * 10 + trend + rng.standard_normal((len(chunk), height, width))
             field[rng.random(field.shape) < nan_fraction] = np.nan
             fields[v] = field.astype(np.float32)
         writer.add(chunk, fields)
