@@ -13,10 +13,23 @@ from typing import Any
 
 import torch
 
+from modeling_topoflow import TopoFlowForForecasting
+from tests.fixtures_model import make_tiny_batch, make_tiny_config
 from topoflow.metrics import ForecastMetrics
+from topoflow.safety import save_model_folder
 from topoflow.training.report import make_verdict
 
-__all__ = ["TARGETS", "LEADS", "GRID", "NORMALIZATION", "make_metrics_block", "write_run_outputs"]
+__all__ = [
+    "TARGETS",
+    "LEADS",
+    "GRID",
+    "NORMALIZATION",
+    "make_metrics_block",
+    "write_run_outputs",
+    "tiny_forecaster",
+    "model_metrics_block",
+    "make_tiny_run",
+]
 
 TARGETS = ["pm25", "o3"]
 LEADS = [12, 24]
@@ -84,3 +97,44 @@ def write_run_outputs(run_dir: Path, *, metrics_block: dict[str, Any] | None = N
     fig.savefig(run_dir / "val_loss_curve.png")
     plt.close(fig)
     return report
+
+
+def tiny_forecaster(seed: int = 0, alpha: float = 0.5) -> TopoFlowForForecasting:
+    """A tiny TopoFlow with the elevation bias on block 0 and a non-zero alpha, so the bias
+    changes the forecast and a load that lost it would show."""
+    torch.manual_seed(seed)
+    config = make_tiny_config(elevation_bias_blocks=[0], elevation_alpha_init=alpha)
+    return TopoFlowForForecasting(config).eval()
+
+
+def model_metrics_block(model: TopoFlowForForecasting, batch: dict[str, Any]) -> dict[str, Any]:
+    """ForecastMetrics.compute() of the model's own forecasts on `batch`."""
+    config = model.config
+    metrics = ForecastMetrics(
+        target_variables=config.target_variables,
+        lead_times_hours=config.lead_times_hours,
+        normalization={
+            "mean": config.variable_mean,
+            "std": config.variable_std,
+            "units": config.variable_units or {},
+        },
+        grid_shape=tuple(config.img_size),
+        input_variables=config.variables,
+    )
+    with torch.no_grad():
+        forecast = model(fields=batch["fields"], lead_time_hours=batch["lead_time_hours"]).forecast
+    metrics.add(
+        forecast, batch["labels"], batch["region_mask"], batch["sample_ids"], fields=batch["fields"]
+    )
+    return json.loads(json.dumps(metrics.compute()))
+
+
+def make_tiny_run(run_dir: Path, seed: int = 0) -> tuple[TopoFlowForForecasting, dict, dict]:
+    """A training-run output folder as train_accelerate.py writes it (model/ with SHA256SUMS,
+    report.json with scores of the model's forecasts, val_loss.csv, the curve PNG).
+    Returns (model, batch, report)."""
+    model = tiny_forecaster(seed)
+    batch = make_tiny_batch(model.config, batch_size=2, seed=seed)
+    save_model_folder(model, run_dir / "model")
+    report = write_run_outputs(run_dir, metrics_block=model_metrics_block(model, batch))
+    return model, batch, report

@@ -1,0 +1,193 @@
+"""A training run exported to a Hub-ready folder loads without the package and says what the run
+measured (topoflow/export.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
+
+from tests.fixtures_hub import make_tiny_run
+from topoflow.export import export_run, main
+from topoflow.model_card import CARD_METRICS, scores_from_card
+from topoflow.safety import (
+    MANIFEST_FILENAME,
+    ManifestError,
+    NonFiniteWeightsError,
+    PickleFileError,
+    verify_model_folder,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in a fresh interpreter: drops every sys.path entry and import hook that could reach this
+# repository, proves topoflow and the two model modules are unimportable, then loads the folder
+# the way a Hub user does and writes the forecasts.
+_LOAD_WITHOUT_PACKAGE = textwrap.dedent(
+    """
+    import sys
+    repo = sys.argv[1]
+    sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith(repo)]
+    sys.meta_path = [f for f in sys.meta_path if "__editable__" not in type(f).__module__
+                     and "__editable__" not in getattr(f, "__module__", "")]
+    for name in ("topoflow", "modeling_topoflow", "configuration_topoflow"):
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+        else:
+            raise SystemExit(f"{name} is importable; the test would prove nothing")
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel, AutoModelForTimeSeriesPrediction
+    folder, batch_path, out_path = sys.argv[2:5]
+    batch = load_file(batch_path)
+    forecaster = AutoModelForTimeSeriesPrediction.from_pretrained(folder, trust_remote_code=True)
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert not type(forecaster).__module__.startswith("modeling_topoflow"), type(forecaster)
+    with torch.no_grad():
+        forecast = forecaster.eval()(batch["fields"], batch["lead_time_hours"]).forecast
+        hidden = encoder.eval()(batch["fields"], batch["lead_time_hours"]).last_hidden_state
+    save_file({"forecast": forecast.contiguous(), "hidden": hidden.contiguous()}, out_path)
+    print(type(forecaster).__module__)
+    """
+)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    make_tiny_run(tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _export(run_dir: Path, out: Path) -> Path:
+    return export_run(run_dir, out, repo_id="acme/topoflow-tiny", revision="v1.0")
+
+
+def test_export_writes_a_complete_hub_folder(run_dir: Path, tmp_path: Path) -> None:
+    folder = _export(run_dir, tmp_path / "export")
+    names = {p.name for p in folder.iterdir()}
+    assert names == {
+        "config.json",
+        "model.safetensors",
+        "configuration_topoflow.py",
+        "modeling_topoflow.py",
+        "README.md",
+        "val_loss_curve.png",
+        "val_loss.csv",
+        "training_report.json",
+        MANIFEST_FILENAME,
+    }
+    verify_model_folder(folder)
+    assert json.loads((folder / "config.json").read_text())["auto_map"]
+    # no staging folder left behind
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_exported_folder_loads_without_the_package_and_forecasts_the_same(tmp_path: Path) -> None:
+    model, batch, _ = make_tiny_run(tmp_path / "run2", seed=3)
+    folder = _export(tmp_path / "run2", tmp_path / "export")
+    batch_path, out_path = tmp_path / "batch.safetensors", tmp_path / "out.safetensors"
+    save_file({k: batch[k] for k in ("fields", "lead_time_hours")}, batch_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _LOAD_WITHOUT_PACKAGE,
+            str(REPO_ROOT),
+            str(folder),
+            str(batch_path),
+            str(out_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().startswith("transformers_modules")
+    loaded = load_file(out_path)
+    with torch.no_grad():
+        forecast = model(batch["fields"], batch["lead_time_hours"]).forecast
+        hidden = model.topoflow(batch["fields"], batch["lead_time_hours"]).last_hidden_state
+    torch.testing.assert_close(loaded["forecast"], forecast, rtol=0, atol=0)
+    torch.testing.assert_close(loaded["hidden"], hidden, rtol=0, atol=0)
+
+
+def test_exported_card_parses_and_its_metrics_equal_the_report(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    folder = _export(run_dir, tmp_path / "export")
+    report = json.loads((run_dir / "report.json").read_text())
+    card = ModelCard.load(folder / "README.md")
+    expected = {
+        (variable, int(lead), metric): row[metric]
+        for variable, per_lead in report["metrics"]["variables"].items()
+        for lead, row in per_lead.items()
+        if lead != "all"
+        for metric in CARD_METRICS
+        if row.get(metric) is not None
+    }
+    assert expected, "the fixture run must have scores"
+    assert scores_from_card(card) == expected
+    assert card.data.library_name == "transformers"
+    assert "trust_remote_code=True" in card.text and 'revision="v1.0"' in card.text
+    assert "AutoModelForTimeSeriesPrediction.from_pretrained" in card.text
+    assert "| parameters |" in card.text
+
+
+def test_nan_weights_in_the_run_are_refused_and_nothing_is_written(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    weights_path = run_dir / "model" / "model.safetensors"
+    weights = load_file(weights_path)
+    key = next(k for k in weights if k.endswith("head.0.weight"))
+    weights[key][0, 0] = float("nan")
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    with pytest.raises(NonFiniteWeightsError, match=key.replace(".", r"\.")):
+        _export(run_dir, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_pickle_weights_in_the_run_are_refused(run_dir: Path, tmp_path: Path) -> None:
+    torch.save({"w": torch.zeros(1)}, run_dir / "model" / "pytorch_model.bin")
+    with pytest.raises(PickleFileError, match="pytorch_model.bin"):
+        _export(run_dir, tmp_path / "export")
+
+
+def test_save_refuses_nan_weights_before_writing(tmp_path: Path) -> None:
+    from topoflow.safety import save_model_folder
+
+    model, _, _ = make_tiny_run(tmp_path / "run")
+    with torch.no_grad():
+        model.head[0].bias[1] = float("inf")
+    with pytest.raises(NonFiniteWeightsError, match=r"head\.0\.bias"):
+        save_model_folder(model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_dry_run_writes_only_and_refuses_to_overwrite(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    assert main([str(run_dir), "--out", str(out), "--dry-run"]) == 0
+    verify_model_folder(out)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        main([str(run_dir), "--out", str(out), "--dry-run"])
+    (out / "config.json").write_text("{}")
+    with pytest.raises(ManifestError):
+        verify_model_folder(out)
+    assert main([str(run_dir), "--out", str(out), "--dry-run", "--overwrite"]) == 0
+    verify_model_folder(out)
+    with pytest.raises(SystemExit):
+        main([str(run_dir), "--out", str(tmp_path / "other")])  # a push needs --repo-id

@@ -1,0 +1,259 @@
+"""Turn a training run's output folder into a Hub-ready model folder, and push it.
+
+    python -m topoflow.export RUN_DIR --out EXPORT_DIR --repo-id org/name [--private]
+        [--revision BRANCH] [--create-pr] [--dry-run]
+
+The exported folder holds config.json, the safetensors weights, the two Hub files
+(configuration_topoflow.py, modeling_topoflow.py), a README.md model card rendered from the run's
+report.json and val_loss.csv, the val-loss plot, the run's report as training_report.json, and a
+SHA256SUMS manifest. Weights with NaN/Inf and pickle files are refused before anything is written.
+With --dry-run nothing leaves the machine; otherwise the folder is uploaded with huggingface_hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import CommitInfo, HfApi
+from safetensors import safe_open
+
+from topoflow.model_card import load_report, read_val_loss_csv, render_model_card
+from topoflow.safety import check_finite_safetensors, refuse_pickle_files, write_manifest
+
+__all__ = [
+    "HUB_FILES",
+    "find_model_dir",
+    "find_val_loss_plot",
+    "count_weight_elements",
+    "export_run",
+    "push_folder",
+    "main",
+]
+
+HUB_FILES = ("configuration_topoflow.py", "modeling_topoflow.py")
+_PREFERRED_MODEL_DIRS = ("final_model", "model", "final")
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def find_model_dir(run_dir: str | os.PathLike) -> Path:
+    """The saved model folder of a run: the run folder itself, or its one child folder (outside
+    checkpoints/) holding config.json and safetensors weights."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run output folder {run_dir} does not exist")
+    if _is_model_dir(run_dir):
+        return run_dir
+    candidates = sorted(
+        child
+        for child in run_dir.iterdir()
+        if child.is_dir() and child.name != "checkpoints" and _is_model_dir(child)
+    )
+    for name in _PREFERRED_MODEL_DIRS:
+        if run_dir / name in candidates:
+            return run_dir / name
+    if len(candidates) != 1:
+        found = [c.name for c in candidates]
+        raise FileNotFoundError(
+            f"run output folder {run_dir}: expected one model folder "
+            "(config.json + *.safetensors), "
+            f"found {found or 'none'}; pass --model-dir"
+        )
+    return candidates[0]
+
+
+def find_val_loss_plot(run_dir: Path) -> Path | None:
+    """The run's val-loss PNG: val_loss.png, else the one PNG whose name mentions val and loss."""
+    if (run_dir / "val_loss.png").is_file():
+        return run_dir / "val_loss.png"
+    pngs = sorted(p for p in run_dir.glob("*.png") if "val" in p.name and "loss" in p.name)
+    return pngs[0] if pngs else None
+
+
+def count_weight_elements(model_dir: Path) -> int:
+    """Number of stored tensor elements (parameters and persistent buffers), read from the
+    safetensors headers only."""
+    total = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                shape = handle.get_slice(name).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= dim
+                total += count
+    return total
+
+
+def _check_model_dir(model_dir: Path) -> dict:
+    refuse_pickle_files(model_dir)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if not config.get("auto_map"):
+        raise ValueError(
+            f"{model_dir / 'config.json'} has no auto_map: the folder would not load with "
+            "trust_remote_code (save the model with TopoFlowForForecasting.save_pretrained)"
+        )
+    missing = [name for name in HUB_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"model folder {model_dir} lacks the Hub files {missing}")
+    for path in sorted(model_dir.glob("*.safetensors")):
+        check_finite_safetensors(path)
+    return config
+
+
+def _copy_model_files(model_dir: Path, staging: Path) -> None:
+    for path in sorted(model_dir.iterdir()):
+        wanted = path.suffix == ".safetensors" or path.name in ("config.json", *HUB_FILES)
+        if path.name == "model.safetensors.index.json":
+            wanted = True
+        if path.is_file() and wanted:
+            shutil.copy2(path, staging / path.name)
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    repo_id: str,
+    revision: str = "main",
+    model_dir: str | os.PathLike | None = None,
+    base_model: str | None = None,
+    dataset_id: str = "topoflow-embedded-default",
+    dataset_name: str = "TopoFlow embedded default corpus (synthetic)",
+    synthetic: bool = True,
+    regenerate_command: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the Hub-ready folder of `run_dir` to `out_dir` (atomically: staged, then renamed)."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model_dir = Path(model_dir) if model_dir is not None else find_model_dir(run_dir)
+    config = _check_model_dir(model_dir)
+    report = load_report(run_dir / "report.json")
+    csv_path = run_dir / "val_loss.csv"
+    val_loss_rows = read_val_loss_csv(csv_path) if csv_path.is_file() else []
+    plot = find_val_loss_plot(run_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"export folder {out_dir} exists; pass --overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _copy_model_files(model_dir, staging)
+        shutil.copy2(run_dir / "report.json", staging / "training_report.json")
+        if csv_path.is_file():
+            shutil.copy2(csv_path, staging / "val_loss.csv")
+        if plot is not None:
+            shutil.copy2(plot, staging / plot.name)
+        card = render_model_card(
+            config=config,
+            report=report,
+            repo_id=repo_id,
+            revision=revision,
+            base_model=base_model,
+            dataset_id=dataset_id,
+            dataset_name=dataset_name,
+            synthetic=synthetic,
+            val_loss_rows=val_loss_rows,
+            plot_filename=plot.name if plot is not None else None,
+            num_parameters=count_weight_elements(staging),
+            regenerate_command=regenerate_command,
+        )
+        card.save(staging / "README.md")
+        write_manifest(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str = "Upload TopoFlow model",
+) -> CommitInfo:
+    """Upload an exported folder: creates the repo (and branch `revision`) if needed, or opens a
+    pull request against `revision` with `create_pr`."""
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision and revision != "main" and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m topoflow.export",
+        description="Export a training run to a Hub-ready model folder and push it.",
+    )
+    parser.add_argument("run_dir", help="output folder of train_accelerate.py")
+    parser.add_argument("--out", required=True, help="folder to write the export to")
+    parser.add_argument("--repo-id", help="Hub repo id org/name (required unless --dry-run)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--revision", default=None, help="branch to push to (created if needed)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead")
+    parser.add_argument("--dry-run", action="store_true", help="write the folder, push nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--model-dir", help="model folder inside the run, if not found alone")
+    parser.add_argument("--base-model", help="model this one was fine-tuned from (card metadata)")
+    parser.add_argument("--dataset-id", default="topoflow-embedded-default")
+    parser.add_argument("--dataset-name", default="TopoFlow embedded default corpus (synthetic)")
+    parser.add_argument("--real-data", action="store_true", help="trained on real reanalysis")
+    parser.add_argument("--regenerate-command", help="command that reproduces the run (card)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.dry_run and not args.repo_id:
+        _parser().error("--repo-id is required unless --dry-run")
+    repo_id = args.repo_id or f"your-org/{Path(args.out).name}"
+    folder = export_run(
+        args.run_dir,
+        args.out,
+        repo_id=repo_id,
+        revision=args.revision or "main",
+        model_dir=args.model_dir,
+        base_model=args.base_model,
+        dataset_id=args.dataset_id,
+        dataset_name=args.dataset_name,
+        synthetic=not args.real_data,
+        regenerate_command=args.regenerate_command,
+        overwrite=args.overwrite,
+    )
+    print(f"exported {args.run_dir} -> {folder}")
+    if args.dry_run:
+        return 0
+    info = push_folder(
+        folder, repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr
+    )
+    print(
+        f"pushed to {info.commit_url}" + (f" (pull request {info.pr_url})" if info.pr_url else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
