@@ -7,6 +7,8 @@ from scipy import stats as sps
 from topoflow.stats import (
     block_bootstrap,
     block_means,
+    gains_by_variable_and_lead,
+    mean_over_seeds,
     optimal_block_length,
     paired_samples,
     seed_spread,
@@ -180,3 +182,32 @@ def test_verdict_text_mentions_seed_spread():
     result = verdict(paired_samples(ids, control, ids, control - 0.01), seeds=spread)
     assert "Across 3 seeds" in result.text and "paired t-test p =" in result.text
     assert result.to_dict()["bootstrap"]["n_samples"] == ids.size
+
+
+def test_mean_over_seeds_aligns_by_id_and_refuses_other_samples():
+    ids = np.array([2012, 1012, 3012])
+    mean_ids, mean = mean_over_seeds([(ids, [2.0, 1.0, 3.0]), (ids[::-1], [5.0, 4.0, 6.0])])
+    assert mean_ids.tolist() == [1012, 2012, 3012]
+    np.testing.assert_allclose(mean, [2.5, 4.0, 4.0])  # 1012: (1+4)/2, 2012: (2+6)/2, 3012: (3+5)/2
+    with pytest.raises(ValueError, match="run 1 covers other sample ids"):
+        mean_over_seeds([(ids, [1.0] * 3), (ids + 1000, [1.0] * 3)])
+
+
+def test_gains_by_variable_and_lead_find_the_planted_variable():
+    rng = np.random.default_rng(7)
+    ids, _ = _control(300, rng)
+    control = 0.5 + 0.05 * rng.random(size=(ids.size, 2))
+    arm = control.copy()
+    arm[:, 0] *= 0.9  # 10% lower MSE on the first variable only
+    arm[:, 1] += 0.01 * rng.normal(size=ids.size)
+    entries = gains_by_variable_and_lead(ids, control, ids, arm, ["pm25", "o3"], n_boot=500)
+    assert {(e["variable"], e["lead_hours"]) for e in entries} == {
+        (v, int(h)) for v in ("pm25", "o3") for h in LEADS
+    }
+    for entry in entries:
+        assert entry["n_samples"] == 300
+        if entry["variable"] == "pm25":
+            assert entry["gain"] == pytest.approx(0.1)
+            assert 0.09 < entry["ci_low"] <= entry["ci_high"] < 0.11
+        else:
+            assert entry["ci_low"] < 0 < entry["ci_high"]

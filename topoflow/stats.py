@@ -22,7 +22,7 @@ an i.i.d. bootstrap or a plain Wilcoxon test on the samples overstates significa
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -35,6 +35,8 @@ __all__ = [
     "WilcoxonResult",
     "block_bootstrap",
     "block_means",
+    "gains_by_variable_and_lead",
+    "mean_over_seeds",
     "optimal_block_length",
     "paired_samples",
     "seed_spread",
@@ -250,6 +252,79 @@ def block_means(paired: PairedSamples, block_length: int) -> np.ndarray:
     lengths = np.diff(np.append(starts, reduction.size))
     keep = lengths * 2 >= block_length
     return sums[keep] / counts[keep]
+
+
+def mean_over_seeds(runs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Average one arm's per-sample losses over its seeds: `[(ids, losses), ...] -> (ids, mean)`.
+
+    Comparing seed-averaged arms keeps the bootstrap about the weather samples while the seed
+    spread is reported separately (`seed_spread`). Every seed must cover the same sample ids.
+    """
+    if not runs:
+        raise ValueError("mean_over_seeds: no runs given")
+    aligned = []
+    for k, (ids, losses) in enumerate(runs):
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        losses = np.asarray(losses, dtype=np.float64).ravel()
+        if ids.shape != losses.shape:
+            raise ValueError(f"run {k}: {ids.size} sample ids but {losses.size} losses")
+        order = np.argsort(ids)
+        aligned.append((ids[order], losses[order]))
+    reference = aligned[0][0]
+    for k, (ids, _) in enumerate(aligned[1:], start=1):
+        if not np.array_equal(ids, reference):
+            raise ValueError(f"run {k} covers other sample ids than run 0")
+    return reference, np.mean([losses for _, losses in aligned], axis=0)
+
+
+def gains_by_variable_and_lead(
+    control_ids: np.ndarray,
+    control_mse: np.ndarray,
+    arm_ids: np.ndarray,
+    arm_mse: np.ndarray,
+    variables: Sequence[str],
+    *,
+    block_length: int | None = None,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> list[dict]:
+    """Relative MSE gain and its block-bootstrap interval per variable x lead time.
+
+    `control_mse`, `arm_mse`: (N, V) per-sample per-variable MSE (`PerSampleErrors.variable_mse()`).
+    Returns entries `{variable, lead_hours, gain, ci_low, ci_high, mean_reduction, reduction_ci,
+    block_length, n_samples}` ready for `figures.plot_gain_bars` and report tables.
+    """
+    control_mse, arm_mse = np.asarray(control_mse), np.asarray(arm_mse)
+    if control_mse.shape[1:] != (len(variables),) or arm_mse.shape[1:] != (len(variables),):
+        raise ValueError(
+            f"per-variable MSE: expected (N, {len(variables)}), got control {control_mse.shape}, "
+            f"arm {arm_mse.shape}"
+        )
+    entries = []
+    for v, variable in enumerate(variables):
+        paired = paired_samples(control_ids, control_mse[:, v], arm_ids, arm_mse[:, v])
+        leads = paired.sample_ids % 1000
+        for lead in np.unique(leads).tolist():
+            keep = leads == lead
+            subset = PairedSamples(paired.sample_ids[keep], paired.control[keep], paired.arm[keep])
+            boot = block_bootstrap(
+                subset, block_length=block_length, n_boot=n_boot, confidence=confidence, seed=seed
+            )
+            entries.append(
+                {
+                    "variable": variable,
+                    "lead_hours": int(lead),
+                    "gain": boot.relative_gain,
+                    "ci_low": boot.relative_gain_ci[0],
+                    "ci_high": boot.relative_gain_ci[1],
+                    "mean_reduction": boot.mean_reduction,
+                    "reduction_ci": list(boot.ci),
+                    "block_length": boot.block_length,
+                    "n_samples": boot.n_samples,
+                }
+            )
+    return entries
 
 
 @dataclass
