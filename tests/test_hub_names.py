@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from topoflow import hub
+from tests.fixtures_hub import tiny_forecaster
+from topoflow import TopoFlowForForecasting, hub
 from topoflow.hub import UnknownModelNameError, known_model_names, resolve_model_name
-from topoflow.safety import ManifestError, write_manifest
+from topoflow.safety import ManifestError, save_model_folder, write_manifest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _model_folder(folder: Path, value: float = 0.0) -> Path:
@@ -94,3 +101,74 @@ def test_documented_name_missing_from_the_installation_says_how_to_regenerate(
     assert "topoflow-base" in known_model_names()
     with pytest.raises(FileNotFoundError, match="does not ship it.*regenerate with"):
         resolve_model_name("topoflow-base")
+
+
+def _assert_same_weights(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+    loaded, expected = model.state_dict(), reference.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[key], expected[key]) for key in expected)
+
+
+def test_from_pretrained_short_name_loads_the_packaged_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = tiny_forecaster(seed=1)
+    save_model_folder(shipped, tmp_path / "pretrained" / "topoflow-base")
+    monkeypatch.setattr(hub, "PACKAGED_MODELS_DIR", tmp_path / "pretrained")
+    monkeypatch.chdir(tmp_path)  # no ./topoflow-base here
+    _assert_same_weights(TopoFlowForForecasting.from_pretrained("topoflow-base"), shipped)
+
+
+def test_from_pretrained_prefers_a_local_folder_named_like_a_short_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_model_folder(tiny_forecaster(seed=1), tmp_path / "pretrained" / "topoflow-base")
+    monkeypatch.setattr(hub, "PACKAGED_MODELS_DIR", tmp_path / "pretrained")
+    mine = tiny_forecaster(seed=2)
+    work = tmp_path / "work"
+    mine.save_pretrained(work / "topoflow-base")
+    monkeypatch.chdir(work)
+    _assert_same_weights(TopoFlowForForecasting.from_pretrained("topoflow-base"), mine)
+
+
+def test_from_pretrained_unknown_name_lists_the_known_names(packaged: Path) -> None:
+    with pytest.raises(UnknownModelNameError, match="Known names: topoflow-base, topoflow-h2000"):
+        TopoFlowForForecasting.from_pretrained("topoflow-large")
+
+
+_OFFLINE_HUB_ID = textwrap.dedent(
+    """
+    import topoflow
+    from topoflow import TopoFlowForForecasting
+    from topoflow.hub import UnknownModelNameError
+    for name in ("acme/topoflow-variant", "topoflow-nonexistent"):
+        try:
+            TopoFlowForForecasting.from_pretrained(name, revision="v1")
+        except Exception as error:
+            chain, cause = [], error
+            while cause is not None:
+                chain.append(type(cause).__name__)
+                cause = cause.__cause__ or cause.__context__
+            print(name, " ".join(chain))
+    """
+)
+
+
+def test_org_name_goes_to_the_hub_and_fails_with_the_hub_offline_error(tmp_path: Path) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", _OFFLINE_HUB_ID],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
+    # The Hub id reached huggingface_hub, which refused to download in offline mode ...
+    assert lines["acme/topoflow-variant"].split() == ["OSError", "LocalEntryNotFoundError"]
+    # ... while a bare unknown name in the same process is ours, so the resolver was active.
+    assert lines["topoflow-nonexistent"] == "UnknownModelNameError"
