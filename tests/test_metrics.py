@@ -190,3 +190,32 @@ def test_errors_name_the_problem():
 def test_decode_sample_ids():
     init, lead = decode_sample_ids(np.array([_hour(2017, 1, 1, 6) * 1000 + 48]))
     assert lead.tolist() == [48] and init.tolist() == [_hour(2017, 1, 1, 6)]
+
+
+def test_per_sample_loss_matches_the_real_model(tiny_config, tiny_batch):
+    from modeling_topoflow import TopoFlowForForecasting
+
+    torch.manual_seed(0)
+    model = TopoFlowForForecasting(tiny_config).eval()
+    with torch.no_grad():
+        output = model(**tiny_batch)
+    normalization = {"mean": dict(tiny_config.variable_mean), "std": dict(tiny_config.variable_std)}
+    metrics = ForecastMetrics(
+        target_variables=tiny_config.target_variables,
+        lead_times_hours=tiny_config.lead_times_hours,
+        normalization=normalization,
+        grid_shape=tuple(tiny_config.img_size),
+        input_variables=tiny_config.variables,
+    )
+    metrics.add(
+        output.forecast,
+        tiny_batch["labels"],
+        tiny_batch["region_mask"],
+        tiny_batch["sample_ids"],
+        fields=tiny_batch["fields"],
+    )
+    rows = metrics.per_sample()
+    torch.testing.assert_close(rows.loss.float(), output.per_sample_loss, rtol=1e-5, atol=1e-7)
+    assert rows.count.sum(1).long().tolist() == output.num_valid.tolist()
+    scores = metrics.compute()["variables"][tiny_config.target_variables[0]]
+    assert scores["12"]["rmse_persistence"] is not None and scores["12"]["rmse"] > 0
