@@ -14,20 +14,11 @@ from collections import deque
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
-__all__ = ["BATCH_DTYPES", "StatefulCollator", "make_loader"]
+from topoflow.data import collate_forecast_batch
 
-# Contract dtypes (docs/CONTRACTS.md section 1); default_collate would turn python floats into
-# float64 and python bools into int64.
-BATCH_DTYPES = {
-    "fields": torch.float32,
-    "lead_time_hours": torch.float32,
-    "labels": torch.float32,
-    "region_mask": torch.bool,
-    "sample_ids": torch.int64,
-    "elevation": torch.float32,
-}
+__all__ = ["StatefulCollator", "min_samples_per_rank", "make_loader"]
 
 
 class StatefulCollator:
@@ -48,12 +39,7 @@ class StatefulCollator:
         self._snapshots.clear()
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = default_collate(rows)
-        unknown = set(batch) - set(BATCH_DTYPES)
-        if unknown:
-            raise KeyError(f"data rows carry keys {sorted(unknown)} that are not forward() "
-                           f"arguments of the batch contract {sorted(BATCH_DTYPES)}")
-        batch = {key: torch.as_tensor(value).to(BATCH_DTYPES[key]) for key, value in batch.items()}
+        batch = collate_forecast_batch(rows)
         if self.dataset is not None:
             self._count += 1
             self._snapshots.append((self._count, self.dataset.state_dict()))
@@ -70,6 +56,26 @@ class StatefulCollator:
 
 def make_loader(dataset: Any, batch_size: int, collator: StatefulCollator | None = None
                 ) -> DataLoader:
-    """A single-process DataLoader over an iterable dataset (to be passed to `prepare`)."""
+    """A single-process DataLoader over an iterable dataset (to be passed to `prepare`).
+
+    It gets its own generator because creating a DataLoader iterator draws a seed from the
+    global torch RNG otherwise: a resumed run creates its iterator at another point of the RNG
+    stream than the uninterrupted run, and every dropout mask after it would differ.
+    """
     return DataLoader(dataset, batch_size=batch_size, num_workers=0,
-                      collate_fn=collator or StatefulCollator(), drop_last=False)
+                      collate_fn=collator or StatefulCollator(), drop_last=False,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def min_samples_per_rank(meta: Any, split: str, lead_times_hours: list[int],
+                         world_size: int) -> int:
+    """A lower bound on the samples any rank reads per epoch, from the shard table.
+
+    A sample needs its target row inside its shard (own + halo rows). Which shards a rank gets
+    depends on the shuffled shard order, so this sums the smallest `n_shards / world_size`.
+    """
+    step = meta.time_step_hours
+    per_shard = sorted(
+        sum(max(0, min(s.own_rows, s.rows - lead // step)) for lead in lead_times_hours)
+        for s in meta.split_shards(split))
+    return sum(per_shard[:len(per_shard) // world_size])

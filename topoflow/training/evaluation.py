@@ -38,11 +38,14 @@ def evaluate(
     dataloader: Any,
     accelerator: Accelerator,
     max_batches: int = 0,
+    stride: int = 1,
 ) -> EvalResult:
-    """Validate `model` on the first `max_batches` batches per rank (0: all) of `dataloader`.
+    """Validate `model` on every `stride`-th batch, at most `max_batches` per rank (0: all).
 
-    The loss pools all valid cells of all samples, as the training loss does within a batch, so
-    it does not depend on the batch size or on how samples are spread over ranks.
+    With a stride the subset is spread over the whole split (the first batches alone would all
+    come from the first weeks of the validation period) and is the same at every call. The loss
+    pools all valid cells of all samples, as the training loss does within a batch, so it does
+    not depend on the batch size or on how samples are spread over ranks.
     """
     # The unwrapped module runs no collective in forward (DDP would sync buffers), so ranks may
     # stop after different numbers of batches.
@@ -57,9 +60,13 @@ def evaluate(
     iterator = iter(dataloader)
     try:
         with torch.no_grad():
+            used = 0
             for index, batch in enumerate(iterator):
-                if max_batches and index >= max_batches:
+                if max_batches and used >= max_batches:
                     break
+                if index % stride:
+                    continue
+                used += 1
                 out = module(**batch)
                 valid = out.num_valid > 0
                 sse = out.per_sample_loss[valid].double() * out.num_valid[valid].double()
