@@ -219,3 +219,16 @@ def test_per_sample_loss_matches_the_real_model(tiny_config, tiny_batch):
     assert rows.count.sum(1).long().tolist() == output.num_valid.tolist()
     scores = metrics.compute()["variables"][tiny_config.target_variables[0]]
     assert scores["12"]["rmse_persistence"] is not None and scores["12"]["rmse"] > 0
+
+
+def test_climatology_hour_bins_pool_hours_and_survive_round_trip(tmp_path):
+    clim = Climatology(TARGETS, (3, 4), normalization=NORM, hours_per_bin=3)
+    day = _hour(2016, 5, 2, 0)
+    ids = torch.tensor([(day + 0 - 12) * 1000 + 12, (day + 2 - 12) * 1000 + 12])
+    clim.add(torch.stack([torch.zeros(2, 3, 4), torch.full((2, 3, 4), 2.0)]), ids)
+    at_01 = torch.tensor([(_hour(2017, 5, 9, 1) - 24) * 1000 + 24])
+    np.testing.assert_allclose(clim.forecast(at_01)[0, :, 0, 0].numpy(), MEAN + STD)
+    loaded = Climatology.load(clim.save(tmp_path / "c.safetensors"))
+    assert loaded.hours_per_bin == 3 and torch.equal(loaded.forecast(at_01), clim.forecast(at_01))
+    with pytest.raises(ValueError, match="divide 24"):
+        Climatology(TARGETS, (3, 4), hours_per_bin=5)
