@@ -1,0 +1,245 @@
+"""Elevation-biased attention (sorted-token exact path) against plain SDPA on CPU.
+
+Prints, in one run: fp64 exactness against the eager reference (outputs and gradients of q, k, v
+and alpha, sea-level ties included, and the clamp-active fallback), fp32 error against SDPA's math
+kernel, forward and forward+backward time ratios measured interleaved (biased and plain runs
+alternate, medians reported), and peak extra resident memory of forward+backward.
+
+    python benchmarks/attention.py                 # N = 1024 .. 8192, head dim 96, 8 heads
+    python benchmarks/attention.py --lengths 1024 2048 --repeats 3
+
+Not a test: nothing here fails; the numbers and targets (issue 7) are printed side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from topoflow_fast_attention_draft import (  # noqa: E402
+    clamp_is_inactive,
+    eager_elevation_attention,
+    elevation_bias_block,
+    sorted_elevation_attention,
+)
+
+__all__ = ["main"]
+
+H_SCALE_M = 1000.0
+CLAMP_MAX = 10.0
+ALPHA = 2.0
+
+
+def make_heights(batch: int, length: int, *, seed: int, top_m: float = 5000.0) -> torch.Tensor:
+    """(B, N) metres: a third of the tokens at sea level (exact ties), the rest up to top_m."""
+    generator = torch.Generator().manual_seed(seed)
+    heights = torch.rand(batch, length, generator=generator, dtype=torch.float64) * top_m
+    sea = torch.rand(batch, length, generator=generator) < 1 / 3
+    heights[sea] = 0.0
+    heights[:, :2] = torch.tensor([0.0, top_m], dtype=torch.float64)  # pin the range
+    return heights
+
+
+def make_inputs(
+    batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, *, seed: int
+) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, length, head_dim)
+    return tuple(torch.randn(shape, generator=generator, dtype=dtype) for _ in range(4))
+
+
+def attention_with_grads(
+    function: Callable[..., torch.Tensor],
+    tensors: tuple[torch.Tensor, ...],
+    heights: torch.Tensor,
+    alpha_value: float,
+) -> list[torch.Tensor]:
+    """Output and gradients of q, k, v and alpha for one biased-attention implementation."""
+    query, key, value, grad_out = (t.clone() for t in tensors)
+    for tensor in (query, key, value):
+        tensor.requires_grad_(True)
+    alpha = torch.tensor(alpha_value, dtype=query.dtype, requires_grad=True)
+    h_scale = torch.tensor(H_SCALE_M, dtype=query.dtype)
+    out = function(
+        query, key, value, elevation_m=heights.to(query.dtype), alpha=alpha, h_scale=h_scale,
+        clamp_max=CLAMP_MAX,
+    )  # fmt: skip
+    out.backward(grad_out)
+    return [out.detach(), query.grad, key.grad, value.grad, alpha.grad]
+
+
+def sdpa_math_attention(query, key, value, *, elevation_m, alpha, h_scale, clamp_max):  # noqa: ANN001, ANN201
+    """SDPA's math kernel with the materialized bias: the fp32 error yardstick."""
+    bias = elevation_bias_block(
+        elevation_m, elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max
+    )
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias[:, None])
+
+
+def max_abs_differences(results: list[torch.Tensor], reference: list[torch.Tensor]) -> list[float]:
+    pairs = zip(results, reference, strict=True)
+    return [float((got.double() - want.double()).abs().max()) for got, want in pairs]
+
+
+def report_exactness(length: int, heads: int, head_dim: int) -> None:
+    names = ["out", "dq", "dk", "dv", "dalpha"]
+    heights = make_heights(2, length, seed=1)
+    tensors = make_inputs(2, heads, length, head_dim, torch.float64, seed=2)
+    print(f"\n== fp64 exactness vs eager (B=2, h={heads}, N={length}, d={head_dim}, "
+          f"{int((heights == 0).sum())} sea-level ties) ==")  # fmt: skip
+    reference = attention_with_grads(eager_elevation_attention, tensors, heights, ALPHA)
+    fast = attention_with_grads(sorted_elevation_attention, tensors, heights, ALPHA)
+    for name, diff in zip(names, max_abs_differences(fast, reference), strict=True):
+        print(f"  sorted  {name:7s} max |diff| {diff:.2e}  (target <= 1e-12)")
+    steep = 5.0  # alpha * range / H = 25 > clamp: the exact chunked fallback runs
+    assert not clamp_is_inactive(heights, alpha=steep, h_scale=H_SCALE_M, clamp_max=CLAMP_MAX)
+    reference = attention_with_grads(eager_elevation_attention, tensors, heights, steep)
+    fallback = attention_with_grads(sorted_elevation_attention, tensors, heights, steep)
+    worst = max(max_abs_differences(fallback, reference))
+    print(f"  clamp active (alpha={steep}): fallback max |diff| over out and grads {worst:.2e}")
+
+    print("\n== fp32 max |error| vs fp64 eager (same inputs) ==")
+    single = tuple(t.float() for t in tensors)
+    ours = max_abs_differences(
+        attention_with_grads(sorted_elevation_attention, single, heights, ALPHA),
+        attention_with_grads(eager_elevation_attention, tensors, heights, ALPHA),
+    )
+    math_kernel = max_abs_differences(
+        attention_with_grads(sdpa_math_attention, single, heights, ALPHA),
+        attention_with_grads(eager_elevation_attention, tensors, heights, ALPHA),
+    )
+    for name, mine, theirs in zip(names, ours, math_kernel, strict=True):
+        print(f"  {name:7s} sorted {mine:.2e}  sdpa-math {theirs:.2e}  ratio {mine / theirs:.2f}")
+
+
+def timed(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def make_steps(length: int, heads: int, head_dim: int) -> dict[str, Callable[[], None]]:
+    """The four timed steps on one set of fp32 inputs (B = 1)."""
+    query, key, value, grad_out = make_inputs(1, heads, length, head_dim, torch.float32, seed=3)
+    heights = make_heights(1, length, seed=4).float()
+    alpha = torch.tensor(ALPHA, requires_grad=True)
+    h_scale = torch.tensor(H_SCALE_M)
+    leaves = [t.clone().requires_grad_(True) for t in (query, key, value)]
+
+    def biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sorted_elevation_attention(
+            q, k, v, elevation_m=heights, alpha=alpha, h_scale=h_scale, clamp_max=CLAMP_MAX
+        )
+
+    def forward(function: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            with torch.no_grad():
+                function(query, key, value)
+
+        return step
+
+    def training(function: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            for tensor in [*leaves, alpha]:
+                tensor.grad = None
+            function(*leaves).backward(grad_out)
+
+        return step
+
+    return {
+        "plain fwd": forward(F.scaled_dot_product_attention),
+        "biased fwd": forward(biased),
+        "plain fwd+bwd": training(F.scaled_dot_product_attention),
+        "biased fwd+bwd": training(biased),
+    }
+
+
+def report_speed(lengths: list[int], heads: int, head_dim: int, repeats: int) -> None:
+    print(f"\n== time, fp32, B=1, h={heads}, d={head_dim}, {torch.get_num_threads()} threads, "
+          f"{repeats} interleaved repeats (median s) ==")  # fmt: skip
+    for length in lengths:
+        steps = make_steps(length, heads, head_dim)
+        for step in steps.values():
+            step()  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        names = list(steps)
+        for repeat in range(repeats):
+            # Alternate the order so a slow drift of the machine hits both sides equally.
+            for name in names if repeat % 2 == 0 else reversed(names):
+                times[name].append(timed(steps[name]))
+        median = {name: statistics.median(values) for name, values in times.items()}
+        forward = median["biased fwd"] / median["plain fwd"]
+        training = median["biased fwd+bwd"] / median["plain fwd+bwd"]
+        print(f"  N={length:5d}  fwd {median['plain fwd']:.3f} -> {median['biased fwd']:.3f} s "
+              f"ratio {forward:.3f}   fwd+bwd {median['plain fwd+bwd']:.3f} -> "
+              f"{median['biased fwd+bwd']:.3f} s ratio {training:.3f}")  # fmt: skip
+    print("  targets: fwd+bwd <= 1.3 at N=4096 and 8192; fwd <= 1.15 at N=8192")
+
+
+def _resident_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def peak_extra_mib(step: Callable[[], None]) -> float:
+    """Peak resident memory of step() above what was resident before it (Linux only)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current resident size
+    before = _resident_kib("VmRSS")
+    step()
+    return (_resident_kib("VmHWM") - before) / 1024
+
+
+def report_memory(lengths: list[int], heads: int, head_dim: int) -> None:
+    print(f"\n== peak extra resident memory of fwd+bwd (MiB), B=1, h={heads}, d={head_dim} ==")
+    previous = None
+    for length in lengths:
+        steps = make_steps(length, heads, head_dim)
+        steps["biased fwd+bwd"]()  # first call allocates lazily initialized state
+        plain = peak_extra_mib(steps["plain fwd+bwd"])
+        biased = peak_extra_mib(steps["biased fwd+bwd"])
+        growth = f"x{biased / previous:.2f} per doubling" if previous else ""
+        print(f"  N={length:5d}  plain {plain:7.1f}  biased {biased:7.1f}  {growth}")
+        previous = biased
+        del steps
+    print("  targets: biased grows <= 2.1x per doubling, < 600 MiB at N=8192")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--exact-length", type=int, default=384)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["exact", "speed", "memory"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    if "exact" not in args.skip:
+        report_exactness(args.exact_length, 4, args.head_dim)
+    if "speed" not in args.skip:
+        report_speed(args.lengths, args.heads, args.head_dim, args.repeats)
+    if "memory" not in args.skip:
+        report_memory(args.lengths, args.heads, args.head_dim)
+
+
+if __name__ == "__main__":
+    main()
