@@ -195,6 +195,11 @@ def block_bootstrap(
     init times with uniform random starts, the last block cut so the replicate has T init times,
     and recomputes sum(reduction) / count and sum(reduction) / sum(control) over its samples.
     `block_length=1` is the i.i.d. bootstrap over init times.
+
+    Calibration measured on AR(1) nulls (4 leads per init time): the 95% interval covered the true
+    mean in 94% of 200 replicates with rho 0.5 and 2000 init times, but only 87-89% with rho 0.8
+    and 500 init times (46% for the i.i.d. bootstrap there). Percentile block-bootstrap intervals
+    run narrow when the split spans few correlation lengths; treat a borderline interval as such.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
@@ -541,6 +546,7 @@ class Verdict:
     wilcoxon_samples: WilcoxonResult
     wilcoxon_block_means: WilcoxonResult
     n_block_means: int
+    block_means_length: int
     seeds: SeedSpread | None = None
     text: str = field(default="")
 
@@ -572,13 +578,17 @@ def verdict(
     """Bootstrap interval, both Wilcoxon p-values and the verdict text for one arm.
 
     Significant means the bootstrap interval of the mean reduction excludes 0; the Wilcoxon
-    p-values are reported beside it, the one on block means being the honest one.
+    p-values are reported beside it, the one on block means being the honest one. Its blocks are
+    twice the bootstrap block length (but leave at least 8 means): adjacent means of blocks of
+    length b are still correlated, and on AR(1) nulls (rho 0.8, 500 init times) 2b brought the
+    5%-level false-positive rate from 9% to 6% (76% on the raw samples).
     """
     boot = block_bootstrap(
         paired, block_length=block_length, n_boot=n_boot, confidence=confidence, seed=seed
     )
     w_samples = wilcoxon_signed_rank(paired.reduction, correction=True)
-    means = block_means(paired, boot.block_length)
+    means_length = max(1, min(2 * boot.block_length, boot.n_init_times // 8))
+    means = block_means(paired, means_length)
     w_blocks = wilcoxon_signed_rank(means, correction=True)
     lo, hi = boot.ci
     significant = lo > 0 or hi < 0
@@ -596,6 +606,7 @@ def verdict(
         w_samples,
         w_blocks,
         int(means.size),
+        means_length,
         seeds,
     )
     result.text = _verdict_text(result)
@@ -622,8 +633,8 @@ def _verdict_text(v: Verdict) -> str:
     )
     tests = (
         f" Wilcoxon signed-rank {_fmt_p(v.wilcoxon_block_means.pvalue)} on {v.n_block_means} "
-        f"block means ({_fmt_p(v.wilcoxon_samples.pvalue)} on the samples, which overstates "
-        f"significance because consecutive hours are correlated)."
+        f"means of {v.block_means_length} init times ({_fmt_p(v.wilcoxon_samples.pvalue)} on "
+        f"the samples, which overstates significance because consecutive hours are correlated)."
     )
     seeds = ""
     if v.seeds is not None:
