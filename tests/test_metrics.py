@@ -48,8 +48,9 @@ def _metrics(**kwargs) -> ForecastMetrics:
 
 def test_rmse_mae_bias_match_hand_computation_with_nan_and_mask():
     forecast, labels, mask, ids = _batch()
-    metrics = _metrics()
+    metrics = _metrics(units={"pm25": "ug/m3", "o3": "ug/m3"})
     metrics.add(*_torch(forecast.astype(np.float32), labels.astype(np.float32), mask, ids))
+    assert metrics.compute()["units"] == {"pm25": "ug/m3", "o3": "ug/m3"}
     scores = metrics.compute()["variables"]
     leads = ids % 1000
     for v, var in enumerate(TARGETS):

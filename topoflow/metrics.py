@@ -264,7 +264,13 @@ class PerSampleErrors:
 
 
 class ForecastMetrics:
-    """Streaming accumulator of forecast scores; see the module docstring for the conventions."""
+    """Streaming accumulator of forecast scores; see the module docstring for the conventions.
+
+    `normalization` is the corpus metadata's `{mean: {var: ..}, std: {var: ..}}` (training split);
+    `units` its `units` table, copied into the results. `input_variables` (the order of the
+    `fields` channels) enables persistence: the forecast "value at init time" is the target's own
+    input channel, un-normalized, where missing inputs were filled with the mean by the loader.
+    """
 
     def __init__(
         self,
@@ -275,12 +281,13 @@ class ForecastMetrics:
         grid_shape: tuple[int, int],
         input_variables: Sequence[str] | None = None,
         climatology: Climatology | None = None,
+        units: Mapping[str, str] | None = None,
     ) -> None:
         self.target_variables = list(target_variables)
         self.lead_times_hours = [int(h) for h in lead_times_hours]
         self.grid_shape = (int(grid_shape[0]), int(grid_shape[1]))
         self.mean, self.std = _normalization_vectors(normalization, self.target_variables)
-        self.units = dict(normalization.get("units", {}))
+        self.units = dict(units or {})
         self.persistence_channels = self._persistence_channels(input_variables)
         if climatology is not None and climatology.target_variables != self.target_variables:
             raise ValueError(
