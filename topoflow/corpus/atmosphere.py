@@ -8,12 +8,15 @@ A two-dimensional boundary-layer model, pure numpy, float64 inside and float32 o
   deflection of upslope wind along the height contours.
 - Temperature (seasonal, diurnal, lapse rate, warm advection), humidity from a moisture field and
   the saturation pressure, surface pressure from the hypsometric equation.
-- Six tracers held as boundary-layer column mass (concentration x mixing height): flux-form
-  upwind advection plus diffusion with CFL-limited sub-steps, emissions proportional to
-  population with diurnal/weekly-free/seasonal cycles, dry and wet deposition, SO2 and NO2
-  oxidation into PM2.5, an ozone photochemical cycle (daylight production with NO2, titration at
-  night), and exchange with a clean free troposphere. Concentration = column mass / mixing height,
-  so night-time and winter inversions raise surface concentrations as observed.
+- Six tracers held as surface concentration times a fixed reference depth ``H_REF`` (so the
+  state is a conserved mass per area): flux-form upwind advection plus diffusion with
+  CFL-limited sub-steps, emissions proportional to population with diurnal and seasonal cycles,
+  dry and wet deposition, SO2 and NO2 oxidation into PM2.5, an ozone photochemical cycle
+  (daylight production with NO2, titration at night), and exchange with a clean free troposphere.
+  The diurnal/seasonal mixing height enters where it matters for the surface: emissions are
+  diluted into it, deposition acts across it, and its daytime growth entrains free-tropospheric
+  air. (Compressing the column into a collapsing night layer instead would put the afternoon's
+  ozone into the surface at dusk, the wrong way round.)
 - Terrain blocking: a flux (advective or diffusive) from a cell into a higher neighbour is
   multiplied by ``exp(-terrain_blocking * dz / blocking_height_m)``. A parcel climbing a total
   height Z over several cells is attenuated by ``exp(-terrain_blocking * Z / H0)`` whatever the
@@ -71,7 +74,8 @@ UNITS: dict[str, str] = {
 }
 
 # Advected tracers. PM10 is not advected itself: it is PM2.5 plus the coarse fraction, which keeps
-# PM10 >= PM2.5 by construction. Column masses are in the output unit times metres (CO: mg/m^2).
+# PM10 >= PM2.5 by construction. State = concentration (output unit, CO in mg/m^3) x H_REF.
+H_REF = 1000.0  # m
 TRACERS = ("pm25", "pm_coarse", "so2", "no2", "co", "o3")
 _PM25, _COARSE, _SO2, _NO2, _CO, _O3 = range(len(TRACERS))
 
@@ -91,7 +95,9 @@ _DEPOSITION_VELOCITY = np.array([1.0e-3, 1.0e-2, 6.0e-3, 3.0e-3, 0.0, 4.0e-3])
 _WET_SCAVENGING = np.array([3.0e-5, 5.0e-5, 4.0e-5, 1.0e-5, 0.0, 0.0])
 # Free-troposphere background concentrations the boundary layer exchanges with (ozone: seasonal).
 _BACKGROUND = np.array([4.0, 6.0, 1.0, 1.0, 0.12, 60.0])
-_VENTILATION_RATE = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 2.0]) / (3.0 * 86400.0)  # 1/s
+# Exchange with the free troposphere (1/s): slow through the night inversion, fast when the
+# growing daytime mixed layer entrains air from above.
+_VENTILATION_NIGHT, _VENTILATION_DAY = 1.0 / (5.0 * 86400.0), 1.0 / 86400.0
 # Mass of sulfate per mass of SO2 oxidized (96/64) and of particulate nitrate per NO2 oxidized,
 # of which about 40 % stays in the particle phase (62/46 * 0.4).
 _SULFATE_YIELD = 1.5
@@ -479,12 +485,12 @@ class _Weather:
         perturbation = np.tensordot(coef, self.psi_basis, axes=1)
         winter = self.winter_index(hour)
         # Westerly jet u = U sech^2((lat - lat_jet) / width): further south and stronger in winter.
-        jet_lat, jet_speed, width = 37.0 - 5.0 * winter, 5.0 + 3.0 * winter, 7.0
+        jet_lat, jet_speed, width = 37.0 - 5.0 * winter, 4.0 + 2.0 * winter, 7.0
         psi = perturbation - jet_speed * R_EARTH * np.deg2rad(width) * np.tanh(
             (self.lat_corner - jet_lat) / width
         )
         # Monsoon: northerly over eastern China in winter, southerly in summer.
-        monsoon = 0.5 - 3.0 * winter
+        monsoon = 0.5 - 2.0 * winter
         scale = 4.0
         psi += monsoon * R_EARTH * np.cos(np.deg2rad(30.0)) * np.deg2rad(scale) * np.logaddexp(
             0.0, (self.lon_corner - 100.0) / scale
@@ -584,7 +590,8 @@ class Atmosphere:
         self.land = self.terrain.land_fraction.astype(np.float64)
         self._init_dust_source()
         sun, _ = self.weather.sun(self.hour)
-        self.mass = self.background(self.hour) * self.mixing_height(sun, self.hour)[None]
+        self.mass = np.broadcast_to(self.background(self.hour) * H_REF,
+                                    (len(TRACERS), *self.land.shape)).copy()
         self.last_coefficients: TransportCoefficients | None = None
         self.last_substeps = 0
 
@@ -608,7 +615,7 @@ class Atmosphere:
         night-time inversions, a steady marine layer over the sea."""
         winter = self.weather.winter_index(hour)
         day_land = 1100.0 - 400.0 * winter
-        land = 300.0 + (day_land - 300.0) * np.minimum(sun / 0.6, 1.0)
+        land = 350.0 + (day_land - 350.0) * np.minimum(sun / 0.6, 1.0)
         return self.land * land + (1.0 - self.land) * 600.0
 
     def total_mass(self) -> np.ndarray:
@@ -644,7 +651,7 @@ class Atmosphere:
         """Sources and sinks over ``dt`` seconds, applied to ``self.mass``; returns totals (n,)."""
         area = self.geometry.area[None, :, None]
         m = self.mass
-        conc = m / h[None]
+        conc = m / H_REF
         night = 1.0 - np.minimum(sun / 0.3, 1.0)
         chem_rate = np.zeros_like(m)
         chem_rate[_SO2] = 2e-6 + 1e-5 * sun + 1.5e-5 * wet  # OH by day, aqueous in cloud/fog
@@ -661,13 +668,15 @@ class Atmosphere:
         produced[_PM25] = (_SULFATE_YIELD * chem_fraction[_SO2] * lost[_SO2]
                            + _NITRATE_YIELD * chem_fraction[_NO2] * lost[_NO2])
         # Daylight ozone production with NO2, saturating at high NOx (VOC-limited regime);
-        # about 15 ug/m^3 per hour at noon in a polluted summer boundary layer.
+        # about 25 ug/m^3 per hour at noon in a polluted summer boundary layer.
         uv = 0.7 - 0.3 * self.weather.winter_index(hour)
-        produced[_O3] = 15.0 / 3600.0 * uv * sun * conc[_NO2] / (conc[_NO2] + 15.0) * h * dt
+        produced[_O3] = 25.0 / 3600.0 * uv * sun * conc[_NO2] / (conc[_NO2] + 15.0) * H_REF * dt
         m -= lost
         m += produced
-        target = self.background(hour) * h[None]
-        exchange = (target - m) * (1.0 - np.exp(-_VENTILATION_RATE[:, None, None] * dt))
+        target = self.background(hour) * H_REF
+        daytime = np.minimum(sun / 0.6, 1.0)
+        ventilation = _VENTILATION_NIGHT + (_VENTILATION_DAY - _VENTILATION_NIGHT) * daytime
+        exchange = (target - m) * (1.0 - np.exp(-ventilation * dt))[None]
         m += exchange
         np.maximum(m, 0.0, out=m)  # exact no-op (all updates keep m >= 0); guards rounding only
         return {
@@ -688,11 +697,12 @@ class Atmosphere:
         h = self.mixing_height(sun, mid)
         area = self.geometry.area[None, :, None]
 
-        emission = self._emissions(mid, local_hour, np.hypot(u, v)) * dt
+        # Surface emissions spread through the mixing layer raise the concentration by E dt / h.
+        emission = self._emissions(mid, local_hour, np.hypot(u, v)) * (dt * H_REF / h)[None]
         self.mass += emission
         coeffs = transport_coefficients(self.geometry, east, north, self.uphill, p.diffusivity_m2_s)
         n_sub = cfl_substeps(coeffs, dt, p.cfl)
-        inflow_mass = self.background(mid) * h[None]
+        inflow_mass = np.broadcast_to(self.background(mid) * H_REF, self.mass.shape)
         self.mass, outflow, inflow = advect_diffuse(self.mass, coeffs, dt, n_sub, inflow_mass)
         budget = self._chemistry(dt, mid, sun, self.weather.wetness(mid, v_syn), h)
         budget.update(emission=(emission * area).sum(axis=(1, 2)), inflow=inflow, outflow=outflow)
@@ -707,7 +717,7 @@ class Atmosphere:
         _, _, u, v, v_syn, pert = self.weather.winds(self.hour, sun)
         out = {"u": u, "v": v}
         out.update(self.weather.thermodynamics(self.hour, local_hour, v_syn, pert))
-        conc = self.mass / self.mixing_height(sun, self.hour)[None]
+        conc = self.mass / H_REF
         out.update(
             pm25=conc[_PM25], pm10=conc[_PM25] + conc[_COARSE], so2=conc[_SO2], no2=conc[_NO2],
             co=conc[_CO], o3=conc[_O3],
