@@ -38,6 +38,7 @@ import numpy as np
 from .terrain import Terrain, make_terrain
 
 __all__ = [
+    "GENERATOR_VERSION",
     "TRACERS",
     "UNITS",
     "VARIABLES",
@@ -50,6 +51,9 @@ __all__ = [
     "simulate",
     "transport_coefficients",
 ]
+
+# Bump whenever the generated numbers change: build.py keys its corpus cache on it.
+GENERATOR_VERSION = "1"
 
 # Dynamic output variables in corpus order, with units as in CAQRA (CO in mg/m^3).
 VARIABLES = ("u", "v", "temp", "rh", "psfc", "pm25", "pm10", "so2", "no2", "co", "o3")
