@@ -351,8 +351,9 @@ def check_resume_args(saved: dict[str, Any], args: Any, path: Path) -> None:
             f"({ {k: saved[k] for k in changed} }); resume with the same settings")
 
 
-def train(args: Any) -> dict[str, Any]:
-    """The whole run; returns report.json's content (on every rank)."""
+def train(args: Any) -> dict[str, Any] | None:
+    """The whole run; returns report.json's content (on every rank), None after
+    --stop-after-steps."""
     started = time.time()
     accelerator = make_accelerator(args)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
@@ -436,6 +437,7 @@ def train(args: Any) -> dict[str, Any]:
         progress = tqdm(total=total_steps, initial=state.global_step, desc="training")
     model.train()
     last_saved = state.global_step if args.resume_from_checkpoint else -1
+    first_step, stopping = state.global_step, False
     # The data position after the last consumed batch: what a checkpoint stores.
     position = resume_state
     max_epochs = args.epochs if args.max_steps is None else sys.maxsize
@@ -471,9 +473,12 @@ def train(args: Any) -> dict[str, Any]:
             if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
                 checkpoint(accelerator, model, output_dir, state, guard, position, args)
                 last_saved = state.global_step
+            if args.stop_after_steps and state.global_step - first_step >= args.stop_after_steps:
+                stopping = True
+                break
         iterator.close()
         train_dl.end()
-        if state.global_step >= total_steps:
+        if stopping or state.global_step >= total_steps:
             break
         if state.global_step == steps_before and state.batches_in_epoch == 0:
             raise ValueError(f"split {args.train_split!r} yields less than one batch of "
@@ -484,6 +489,13 @@ def train(args: Any) -> dict[str, Any]:
         position = None
     if progress is not None:
         progress.close()
+    if stopping:
+        if last_saved != state.global_step:
+            checkpoint(accelerator, model, output_dir, state, guard, position, args)
+        accelerator.print(f"stopped after {args.stop_after_steps} steps at step "
+                          f"{state.global_step}; continue with --resume-from-checkpoint latest")
+        accelerator.end_training()
+        return None
 
     if state.val_history[-1]["step"] != state.global_step:
         run_eval(model, eval_dl, accelerator, state, args.eval_batches, eval_stride)
@@ -545,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MissingKeysError, CheckpointError, OutputDirError, TrainingAborted) as err:
         print(f"train_accelerate.py: error: {err}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+    if report is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"verdict: {report['verdict']['verdict']}")
     return 0
 

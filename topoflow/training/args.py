@@ -120,6 +120,10 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume-from-checkpoint", default=None,
                        help="checkpoint folder, or 'latest' for the newest complete one in "
                             "<output-dir>/checkpoints")
+    group.add_argument("--stop-after-steps", type=int, default=None,
+                       help="save a checkpoint and exit after this many steps in this process; "
+                            "the schedule still follows --max-steps/--epochs (time-limited jobs: "
+                            "rerun with --resume-from-checkpoint latest)")
     group.add_argument("--report-to", default="tensorboard",
                        help="Accelerate trackers: tensorboard, wandb, all, none (comma-separated)")
     group.add_argument("--success-threshold", type=float, default=None,
@@ -166,6 +170,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     for name in ("eval_batches", "checkpointing_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        parser.error(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.elevation_scale <= 0:

@@ -100,7 +100,12 @@ def make_loading_report(info: Mapping[str, Any], blocks: Sequence[int], *, model
 def build_from_scratch_config(config_arg: str, corpus_meta: Any, *, elevation_blocks: list[int],
                               elevation_scale: float, alpha_init: float) -> Any:
     """TopoFlowConfig from a preset name or a config.json, completed from the corpus metadata."""
-    from configuration_topoflow import DEFAULT_TARGET_VARIABLES, DEFAULT_VARIABLES, TopoFlowConfig
+    from configuration_topoflow import (
+        DEFAULT_LEAD_TIMES_HOURS,
+        DEFAULT_TARGET_VARIABLES,
+        DEFAULT_VARIABLES,
+        TopoFlowConfig,
+    )
 
     if config_arg in CONFIG_PRESETS:
         overrides = dict(CONFIG_PRESETS[config_arg])
@@ -120,7 +125,11 @@ def build_from_scratch_config(config_arg: str, corpus_meta: Any, *, elevation_bl
     if missing_stats:
         raise ValueError(f"corpus {corpus_meta.source}: no normalization statistics for "
                          f"{missing_stats}")
+    # The reference lead times, minus those the corpus's halo cannot serve (small test corpora).
+    servable = [lead for lead in DEFAULT_LEAD_TIMES_HOURS if lead <= corpus_meta.halo_hours]
+    leads = overrides.pop("lead_times_hours", servable)
     fields = {
+        "lead_times_hours": leads,
         "variables": variables,
         "target_variables": targets,
         "img_size": [corpus_meta.height, corpus_meta.width],
