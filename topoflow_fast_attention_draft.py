@@ -228,24 +228,44 @@ def _check_shapes(
         )
 
 
-def _take_tokens(tokens: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """(B, h, N, d) reordered along N by order (B, N): out[:, :, r] = tokens[:, :, order[r]]."""
-    index = order[:, None, :, None].expand(-1, tokens.shape[1], -1, tokens.shape[3])
-    return torch.gather(tokens, 2, index)
+def _take_tokens(
+    tokens: torch.Tensor, order: torch.Tensor, *, extra_column: float | None = None
+) -> torch.Tensor:
+    """(B, h, N, d) reordered along N: out[:, :, r] = tokens[:, :, order[:, r]].
+
+    With extra_column, the result is (B, h, N, d + 1) and its last column holds that value. The
+    result is laid out (B, N, h, d) in memory like the fused kernels' own outputs.
+    """
+    batch, heads, length, dim = tokens.shape
+    width = dim if extra_column is None else dim + 1
+    taken = tokens.new_empty(batch, length, heads, width).transpose(1, 2)
+    for sample in range(batch):
+        torch.index_select(tokens[sample], 1, order[sample], out=taken[sample, ..., :dim])
+    if extra_column is not None:
+        taken[..., dim] = extra_column
+    return taken
 
 
-def _put_tokens(sorted_tokens: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Inverse of _take_tokens: out[:, :, order[r]] = sorted_tokens[:, :, r]."""
-    index = order[:, None, :, None].expand(-1, sorted_tokens.shape[1], -1, sorted_tokens.shape[3])
-    return torch.empty_like(sorted_tokens).scatter_(2, index, sorted_tokens)
+def _put_tokens(
+    destination: torch.Tensor, taken: torch.Tensor, order: torch.Tensor, *, accumulate: bool
+) -> None:
+    """Inverse of _take_tokens for the tokens listed in order: destination[:, :, order[:, r]]
+    = (or +=) taken[:, :, r]."""
+    for sample in range(destination.shape[0]):
+        if accumulate:
+            destination[sample].index_add_(1, order[sample], taken[sample])
+        else:
+            destination[sample].index_copy_(1, order[sample], taken[sample])
 
 
-def _with_extra_dim(tokens: torch.Tensor, fill: float) -> torch.Tensor:
-    """(B, h, N, d) -> (B, h, N, d + 1) with the new last column set to fill."""
-    extended = tokens.new_empty(*tokens.shape[:-1], tokens.shape[-1] + 1)
-    extended[..., :-1] = tokens
-    extended[..., -1] = fill
-    return extended
+def _new_like_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, dim = tokens.shape
+    return tokens.new_empty(batch, length, heads, dim).transpose(1, 2)
+
+
+def _row_dot(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row dot product over the head dimension, accumulated in dtype: (B, h, N)."""
+    return (first.to(dtype) * second.to(dtype)).sum(dim=-1)
 
 
 def _fused_forward(
@@ -289,82 +309,83 @@ def _fused_backward(
     )
 
 
-def _merge_parts(
-    out_b: torch.Tensor, lse_b: torch.Tensor, out_a: torch.Tensor, lse_a: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the union of two disjoint key sets from each part's normalized output and LSE.
-
-    Part A covers rows 0..N-2 only (the lowest token has no key strictly below it).
-    """
-    lse = lse_b.clone()
-    lse[..., :-1] = torch.logaddexp(lse_b[..., :-1], lse_a)
-    merged = out_b.to(lse.dtype) * torch.exp(lse_b - lse)[..., None]
-    merged[..., :-1, :] += out_a.to(lse.dtype) * torch.exp(lse_a - lse[..., :-1])[..., None]
-    return merged.to(out_b.dtype), lse
-
-
 class _SortedElevationAttention(torch.autograd.Function):
     """Attention with logits q.k/sqrt(d) + (u_i - u_j if z_j > z_i else 0); see the module doc.
 
     Inputs: query/key/value (B, h, N, d), token_bias u (B, N), order (B, N) = tokens by descending
-    elevation. Working tensors are in that descending order ("down"); "up" is its reverse.
+    elevation. Working tensors are in that descending order ("down", part B) or its reverse
+    ("up", part A). Part B's tensors carry the extra head dimension (query 1, key and value 0)
+    from the start, so the backward reuses them; the forward reads them without it.
     """
 
     @staticmethod
     def forward(ctx, query, key, value, token_bias, order):  # noqa: ANN001, ANN205
-        scale = query.shape[-1] ** -0.5
-        q_down, k_down, v_down = (_take_tokens(t, order) for t in (query, key, value))
+        length, dim = query.shape[2], query.shape[3]
+        scale = dim**-0.5
+        q_x = _take_tokens(query, order, extra_column=1.0)
+        k_x = _take_tokens(key, order, extra_column=0.0)
+        v_x = _take_tokens(value, order, extra_column=0.0)
         u_down = token_bias.gather(1, order)  # (B, N)
         key_bias = (-u_down).to(query.dtype)[:, None, None, :]  # (B, 1, 1, N)
-        out_b, lse_b = _fused_forward(q_down, k_down, v_down, key_bias=key_bias, scale=scale)
+        out_b, lse_b = _fused_forward(
+            q_x[..., :dim], k_x[..., :dim], v_x[..., :dim], key_bias=key_bias, scale=scale
+        )
         lse_b = lse_b + u_down[:, None, :].to(lse_b.dtype)  # the +u_i of every part-B logit
-        out, lse = out_b, lse_b
-        if query.shape[2] > 1:
-            q_up, k_up, v_up = (t.flip(2) for t in (q_down, k_down, v_down))
+        result = _new_like_tokens(query)
+        if length == 1:
+            lse = lse_b
+        else:
+            order_up = order.flip(-1)
+            q_up, k_up, v_up = (_take_tokens(t, order_up) for t in (query, key, value))
             out_a, lse_a = _fused_forward(
                 q_up[:, :, 1:], k_up[:, :, :-1], v_up[:, :, :-1], key_bias=None, scale=scale
             )
-            # Ascending ranks 1..N-1 are descending positions N-2..0.
-            out, lse = _merge_parts(out_b, lse_b, out_a.flip(2), lse_a.flip(-1))
-        ctx.save_for_backward(q_down, k_down, v_down, u_down, order, out, lse, out_b, lse_b)
+            # Part A's rows are ascending ranks 1..N-1, i.e. descending positions N-2..0.
+            lse = lse_b.clone()
+            lse[..., :-1] = torch.logaddexp(lse_b[..., :-1], lse_a.flip(-1))
+        weight_b = torch.exp(lse_b - lse)  # part B's share of each row's softmax mass
+        out_b.mul_(weight_b.to(out_b.dtype)[..., None])
+        _put_tokens(result, out_b, order, accumulate=False)
+        if length > 1:
+            out_a.mul_(torch.exp(lse_a - lse.flip(-1)[..., 1:]).to(out_a.dtype)[..., None])
+            _put_tokens(result, out_a, order_up[:, 1:], accumulate=True)
+        ctx.save_for_backward(q_x, k_x, v_x, u_down, order, result, lse, out_b, weight_b)
         ctx.scale = scale
-        return _put_tokens(out, order)
+        return result
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: ANN001, ANN205
-        q_down, k_down, v_down, u_down, order, out, lse, out_b, lse_b = ctx.saved_tensors
-        scale = ctx.scale
-        g_down = _take_tokens(grad_output.contiguous(), order)
-        key_bias = (-u_down).to(q_down.dtype)[:, None, None, :]
-        # Part B through one extra head dimension, query 1 and key 0: the logits do not change and
-        # grad_key[..., -1] = scale * sum_i dL/dlogit_ij, the column sums that u_j's gradient needs.
+        q_x, k_x, v_x, u_down, order, result, lse, out_b, weight_b = ctx.saved_tensors
+        scale, length, dim = ctx.scale, q_x.shape[2], q_x.shape[3] - 1
+        g_x = _take_tokens(grad_output, order, extra_column=0.0)
+        o_x = _take_tokens(result, order, extra_column=0.0)
+        key_bias = (-u_down).to(q_x.dtype)[:, None, None, :]
+        # With the extra dimension (query 1, key 0) the logits are unchanged and
+        # grad_key[..., -1] = scale * sum_i dL/dlogit_ij: the column sums u_j's gradient needs.
         dq_x, dk_x, dv_x = _fused_backward(
-            _with_extra_dim(g_down, 0.0), _with_extra_dim(q_down, 1.0),
-            _with_extra_dim(k_down, 0.0), _with_extra_dim(v_down, 0.0),
-            _with_extra_dim(out, 0.0), lse - u_down[:, None, :].to(lse.dtype),
-            key_bias=key_bias, scale=scale,
+            g_x, q_x, k_x, v_x, o_x, lse - u_down[:, None, :].to(lse.dtype), key_bias=key_bias,
+            scale=scale,
         )  # fmt: skip
         column_sum = dk_x[..., -1].to(lse.dtype).sum(dim=1) / scale  # (B, N)
-        dq, dk, dv = dq_x[..., :-1], dk_x[..., :-1], dv_x[..., :-1]
-        if q_down.shape[2] > 1:
+        # Row sums over part B: sum_j P_ij (dO_i.v_j - D_i) = dO_i.(w_i out_b_i) - w_i D_i, with
+        # w_i part B's share of row i (out_b was saved already scaled by it), D_i = dO_i.out_i.
+        delta = _row_dot(g_x, o_x, lse.dtype)
+        row_sum = (_row_dot(g_x[..., :dim], out_b, lse.dtype) - weight_b * delta).sum(dim=1)
+        grads = [_new_like_tokens(g_x[..., :dim]) for _ in range(3)]
+        for grad, part_b in zip(grads, (dq_x, dk_x, dv_x), strict=True):
+            _put_tokens(grad, part_b[..., :dim], order, accumulate=False)
+        if length > 1:
+            order_up = order.flip(-1)
             q_up, k_up, v_up, g_up, o_up = (
-                t.flip(2) for t in (q_down, k_down, v_down, g_down, out)
+                t[..., :dim].flip(2) for t in (q_x, k_x, v_x, g_x, o_x)
             )
             dq_a, dk_a, dv_a = _fused_backward(
                 g_up[:, :, 1:], q_up[:, :, 1:], k_up[:, :, :-1], v_up[:, :, :-1], o_up[:, :, 1:],
                 lse.flip(-1)[..., 1:], key_bias=None, scale=scale,
             )  # fmt: skip
-            dq[:, :, :-1] += dq_a.flip(2)
-            dk[:, :, 1:] += dk_a.flip(2)
-            dv[:, :, 1:] += dv_a.flip(2)
-        # Row sums over part B: sum_j P_ij (dO_i.v_j - D_i) = w_i (dO_i.out_b_i - D_i), where
-        # w_i = exp(lse_b_i - lse_i) is part B's share of row i and D_i = dO_i.out_i.
-        g_wide = g_down.to(lse.dtype)
-        delta = (g_wide * out.to(lse.dtype)).sum(-1)
-        row_sum = torch.exp(lse_b - lse) * ((g_wide * out_b.to(lse.dtype)).sum(-1) - delta)
-        du_down = row_sum.sum(dim=1) - column_sum  # (B, N)
+            _put_tokens(grads[0], dq_a, order_up[:, 1:], accumulate=True)
+            _put_tokens(grads[1], dk_a, order_up[:, :-1], accumulate=True)
+            _put_tokens(grads[2], dv_a, order_up[:, :-1], accumulate=True)
+        du_down = row_sum - column_sum  # (B, N)
         du = torch.empty_like(du_down).scatter_(1, order, du_down)
-        return (
-            _put_tokens(dq, order), _put_tokens(dk, order), _put_tokens(dv, order),
-            du.to(u_down.dtype), None,
-        )  # fmt: skip
+        return (*grads, du.to(u_down.dtype), None)
