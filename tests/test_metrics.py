@@ -233,3 +233,49 @@ def test_climatology_hour_bins_pool_hours_and_survive_round_trip(tmp_path):
     assert loaded.hours_per_bin == 3 and torch.equal(loaded.forecast(at_01), clim.forecast(at_01))
     with pytest.raises(ValueError, match="divide 24"):
         Climatology(TARGETS, (3, 4), hours_per_bin=5)
+
+
+def _sync_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One rank of a real 2-process gloo run: half of the batch each, then `sync`."""
+    import os
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        ACCELERATE_USE_CPU="yes",
+    )
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    forecast, labels, mask, ids = _batch(batch=4)
+    part = slice(0, 1) if rank == 0 else slice(1, 4)  # unequal sample counts per rank
+    metrics = _metrics()
+    metrics.add(*_torch(forecast[part], labels[part], mask[part], ids[part]))
+    rows = metrics.sync(accelerator)
+    torch.save({"scores": metrics.compute(), "ids": rows.sample_ids}, f"{out_dir}/rank{rank}.pt")
+    accelerator.end_training()
+
+
+def test_sync_across_two_real_processes_equals_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_sync_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    forecast, labels, mask, ids = _batch(batch=4)
+    single = _metrics()
+    single.add(*_torch(forecast, labels, mask, ids))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert result["ids"].tolist() == ids.tolist()
+        got, want = result["scores"]["variables"], single.compute()["variables"]
+        for var in TARGETS:
+            for lead in ("12", "24", "all"):
+                assert got[var][lead]["n"] == want[var][lead]["n"]
+                assert got[var][lead]["rmse"] == pytest.approx(want[var][lead]["rmse"], rel=1e-12)

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -428,6 +429,25 @@ class ForecastMetrics:
             empty = torch.zeros((0, n_var), dtype=torch.float64)
             return PerSampleErrors(torch.zeros(0, dtype=torch.int64), empty, empty.clone())
         return PerSampleErrors.concatenate(self._rows)
+
+    def sync(self, accelerator: Any) -> PerSampleErrors:
+        """Combine every rank's sums and rows; call on all ranks after the evaluation loop.
+
+        Sums are all-reduced with `accelerator.reduce(..., "sum")` and loaded back, so `compute()`
+        gives the same totals on every rank; per-sample rows are gathered with
+        `accelerate.utils.gather_object` (ranks may hold different numbers of samples) and
+        returned, rank by rank. One reduce per sum after the loop, never per batch, so ranks may
+        have run different numbers of batches.
+        """
+        from accelerate.utils import gather_object
+
+        device = accelerator.device
+        reduced = {
+            k: accelerator.reduce(v.to(device), reduction="sum") for k, v in self.sums.items()
+        }
+        self.load_state(reduced)
+        parts = gather_object([self.per_sample()])
+        return PerSampleErrors.concatenate(parts)
 
     def cell_rmse(self) -> torch.Tensor:
         """(V, H, W) RMSE per cell in physical units over all leads; NaN where no data."""
