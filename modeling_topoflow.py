@@ -439,12 +439,12 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def resolve_pretrained_name(cls, name_or_path: str | os.PathLike) -> str | os.PathLike:
-        """A local path wins; otherwise the first resolver that knows the name; else the name."""
-        if os.path.exists(name_or_path):
-            return name_or_path
+        """The first resolver's answer, else the name itself; an existing local path always wins.
+
+        Resolvers also see local paths, so they can check them (e.g. a checksum manifest)."""
         for resolver in TopoFlowPreTrainedModel._name_resolvers:
-            resolved = resolver(str(name_or_path))
-            if resolved is not None:
+            resolved = resolver(os.fspath(name_or_path))
+            if resolved is not None and not os.path.exists(name_or_path):
                 return resolved
         return name_or_path
 
