@@ -20,6 +20,7 @@ from topoflow.regions import (
     format_region_table,
     gain_map,
     load_region_mask,
+    region_report,
     region_table,
     regions_from_corpus,
 )
@@ -175,3 +176,22 @@ def test_figures_write_pngs(tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, path
     with pytest.raises(ValueError, match="gain: expected"):
         plot_gain_maps(gain, ["pm25"], tmp_path / "bad.png")
+
+
+def test_region_report_from_metrics_states_gives_both_tables():
+    control, arm, count, elevation = _toy_sums()
+    c_state = {"cell_sq_err": torch.as_tensor(control), "cell_count": torch.as_tensor(count)}
+    a_state = {"cell_sq_err": torch.as_tensor(arm), "cell_count": torch.as_tensor(count)}
+    codes = np.array([[1, 2], [1, 2]])
+    report = region_report(
+        c_state,
+        a_state,
+        ["pm25", "o3"],
+        elevation_m=elevation,
+        region_codes=codes,
+        region_names={1: "basin", 2: "plateau"},
+    )
+    assert len(report["elevation_band"]) == 4 * 2
+    plateau = [r for r in report["region"] if r["region"] == "plateau" and r["variable"] == "pm25"]
+    assert plateau[0]["gain"] == pytest.approx(0.5)
+    assert "| plateau | 2 | +50.00% |" in report["markdown"]

@@ -29,6 +29,7 @@ __all__ = [
     "format_region_table",
     "gain_map",
     "load_region_mask",
+    "region_report",
     "region_table",
     "regions_from_corpus",
 ]
@@ -222,3 +223,36 @@ def format_region_table(rows: Sequence[RegionRow], *, title: str = "region") -> 
         cells = ["n/a" if g is None else f"{100 * g:+.2f}%" for g in gains]
         lines.append(f"| {name} | {n_cells} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def region_report(
+    control_state: Mapping[str, ArrayLike],
+    arm_state: Mapping[str, ArrayLike],
+    variables: Sequence[str],
+    *,
+    elevation_m: ArrayLike,
+    region_codes: ArrayLike | None = None,
+    region_names: Mapping[int, str] | None = None,
+    edges_m: Sequence[float] = DEFAULT_ELEVATION_EDGES_M,
+) -> dict:
+    """Both tables from two `ForecastMetrics.state()` dicts: by elevation band and, when region
+    codes are given, by named region. Returns `{"elevation_band": [row dicts], "region": [...],
+    "markdown": str}`."""
+    sums = (
+        control_state["cell_sq_err"],
+        control_state["cell_count"],
+        arm_state["cell_sq_err"],
+        arm_state["cell_count"],
+    )
+    band_codes, band_names = elevation_bands(elevation_m, edges_m)
+    bands = region_table(*sums, band_codes, band_names, variables)
+    report = {"elevation_band": [r.to_dict() for r in bands], "region": []}
+    markdown = [format_region_table(bands, title="elevation band")]
+    if region_codes is not None:
+        if region_names is None:
+            region_names = {int(c): f"region {int(c)}" for c in np.unique(np.asarray(region_codes))}
+        regions = region_table(*sums, region_codes, region_names, variables)
+        report["region"] = [r.to_dict() for r in regions]
+        markdown.append(format_region_table(regions, title="region"))
+    report["markdown"] = "\n\n".join(markdown)
+    return report
