@@ -453,7 +453,25 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
         cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
     ):
         path = cls.resolve_pretrained_name(pretrained_model_name_or_path)
-        return super().from_pretrained(path, *args, **kwargs)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        model._check_loaded(info, overrides=kwargs)
+        return (model, info) if wants_info else model
+
+    def _check_loaded(self, info: dict[str, Any], overrides: dict[str, Any]) -> None:
+        """Refuse a load whose result contradicts what the caller asked for (transformers would
+        only warn)."""
+        if "elevation_scale" not in overrides:
+            return
+        for name, buffer in self.named_buffers():
+            requested = torch.tensor(overrides["elevation_scale"], dtype=buffer.dtype).item()
+            if name.endswith("attn.H_scale") and buffer.item() != requested:
+                raise ValueError(
+                    f"elevation_scale={overrides['elevation_scale']} was requested but {name}="
+                    f"{buffer.item()} m comes from the checkpoint: H_scale is saved with the "
+                    f"weights. Start from a checkpoint without the bias (a baseline) to use "
+                    f"another H_scale."
+                )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         # transformers records only the saving class in auto_map; list both so the one folder loads
@@ -607,28 +625,21 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
         self.head = nn.Sequential(*layers)
         self.post_init()
 
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
-    ):
+    def _check_loaded(self, info: dict[str, Any], overrides: dict[str, Any]) -> None:
+        super()._check_loaded(info, overrides)
         # transformers only warns when head weights are missing or unexpected and then leaves them
         # random (the 2.27-instead-of-0.36 val loss); a head that does not match must fail instead.
-        wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-        )
         head_keys = sorted(
             key
             for key in [*info["missing_keys"], *info["unexpected_keys"]]
             if key.startswith("head.")
         )
-        if head_keys and not kwargs.get("ignore_mismatched_sizes", False):
+        if head_keys and not overrides.get("ignore_mismatched_sizes", False):
             raise ValueError(
                 f"The checkpoint's prediction head does not match decoder_depth="
-                f"{model.config.decoder_depth} (missing or unexpected: {head_keys}); refusing to "
+                f"{self.config.decoder_depth} (missing or unexpected: {head_keys}); refusing to "
                 f"leave the head randomly initialized. Check decoder_depth / target_variables."
             )
-        return (model, info) if wants_info else model
 
     def forward(
         self,

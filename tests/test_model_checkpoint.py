@@ -201,3 +201,15 @@ def test_saved_folder_is_self_describing(tmp_path):
     assert not list(tmp_path.glob("*.bin"))
     assert (tmp_path / "modeling_topoflow.py").is_file()
     assert (tmp_path / "configuration_topoflow.py").is_file()
+
+
+def test_elevation_scale_override_cannot_silently_disagree_with_saved_h_scale(tmp_path):
+    TopoFlowForForecasting(make_tiny_config(elevation_bias_blocks=[0])).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="H_scale"):
+        TopoFlowForForecasting.from_pretrained(tmp_path, elevation_scale=500.0)
+    baseline = tmp_path / "baseline"
+    TopoFlowForForecasting(make_tiny_config()).save_pretrained(baseline)
+    swept = TopoFlowForForecasting.from_pretrained(
+        baseline, elevation_bias_blocks=[0], elevation_scale=333.3
+    )
+    assert swept.topoflow.blocks[0].attn.H_scale.item() == pytest.approx(333.3)
