@@ -177,6 +177,16 @@ def test_errors_name_the_problem():
         metrics.add(*_torch(forecast, labels, mask, ids - ids % 1000 + 6))
     with pytest.raises(ValueError, match="region_mask"):
         metrics.add(*_torch(forecast, labels, mask[:, :2], ids))
+    by_variable = {v: {"mean": NORM["mean"][v], "std": NORM["std"][v]} for v in NORM["mean"]}
+    other_layout = ForecastMetrics(
+        target_variables=TARGETS,
+        lead_times_hours=[12, 24],
+        normalization=by_variable,
+        grid_shape=(3, 4),
+    )
+    assert torch.equal(other_layout.std, metrics.std) and torch.equal(
+        other_layout.mean, metrics.mean
+    )
     with pytest.raises(KeyError, match="pm25"):
         ForecastMetrics(
             target_variables=TARGETS,

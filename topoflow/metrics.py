@@ -67,24 +67,34 @@ def valid_hour_bins(valid_hours: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return months, valid_hours % 24
 
 
+def _normalization_tables(
+    normalization: Mapping[str, Mapping[str, float]],
+) -> tuple[Mapping[str, float], Mapping[str, float]]:
+    """`(mean by variable, std by variable)` from either layout in use:
+    `{mean: {var: ..}, std: {var: ..}}` or the corpus metadata's `{var: {mean: .., std: ..}}`."""
+    if "mean" in normalization and "std" in normalization:
+        return normalization["mean"], normalization["std"]
+    if all(isinstance(v, Mapping) and {"mean", "std"} <= set(v) for v in normalization.values()):
+        means = {var: stats["mean"] for var, stats in normalization.items()}
+        return means, {var: stats["std"] for var, stats in normalization.items()}
+    raise KeyError(
+        "normalization: expected {mean: {var: ..}, std: {var: ..}} or {var: {mean: .., std: ..}}, "
+        f"got keys {sorted(normalization)[:8]}"
+    )
+
+
 def _normalization_vectors(
     normalization: Mapping[str, Mapping[str, float]], variables: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) float64 vectors in the order of `variables` from `{mean: {var}, std: {var}}`."""
-    for part in ("mean", "std"):
-        if part not in normalization:
-            raise KeyError(
-                f"normalization has no '{part}' table; expected {{mean: {{var: ..}}, std: ..}}"
-            )
-        missing = [v for v in variables if v not in normalization[part]]
-        if missing:
-            raise KeyError(f"normalization['{part}'] lacks variables {missing}")
-    mean = torch.tensor([float(normalization["mean"][v]) for v in variables], dtype=torch.float64)
-    std = torch.tensor([float(normalization["std"][v]) for v in variables], dtype=torch.float64)
+    """(mean, std) float64 vectors in the order of `variables`."""
+    means, stds = _normalization_tables(normalization)
+    missing = [v for v in variables if v not in means or v not in stds]
+    if missing:
+        raise KeyError(f"normalization lacks mean/std for variables {missing}")
+    mean = torch.tensor([float(means[v]) for v in variables], dtype=torch.float64)
+    std = torch.tensor([float(stds[v]) for v in variables], dtype=torch.float64)
     if not bool((std > 0).all()):
-        raise ValueError(
-            f"normalization['std'] must be > 0 for {list(variables)}, got {std.tolist()}"
-        )
+        raise ValueError(f"normalization std must be > 0 for {list(variables)}, got {std.tolist()}")
     return mean, std
 
 
