@@ -126,6 +126,22 @@ def test_terrain_blocking_traps_a_tracer_released_in_the_basin():
     assert blocked > _basin_retention(0.5) > free
 
 
+def test_blocking_keeps_a_uniform_background_uniform():
+    # Under the non-divergent synoptic flow, air at the background concentration must stay at it
+    # however strong the blocking: only the excess over the background is held back.
+    atmosphere = Atmosphere(AtmosphereParams(**TINY, terrain_blocking=3.0))
+    psi, _ = atmosphere.weather.synoptic_psi(atmosphere.hour)
+    east, north = -(psi[1:] - psi[:-1]), psi[:, 1:] - psi[:, :-1]
+    coeffs = transport_coefficients(atmosphere.geometry, east, north, atmosphere.uphill, 2e4)
+    background = np.array([5.0, 60.0])
+    mass = np.broadcast_to(background[:, None, None], (2, 16, 32)).copy()
+    n_sub = cfl_substeps(coeffs, 86400.0, 0.9)
+    mass, outflow, inflow = advect_diffuse(mass, coeffs, 86400.0, n_sub, background)
+    np.testing.assert_allclose(mass, np.broadcast_to(background[:, None, None], mass.shape),
+                               rtol=1e-12)
+    np.testing.assert_allclose(outflow, inflow, rtol=1e-12)
+
+
 def test_zero_blocking_means_elevation_does_not_touch_tracers():
     params = AtmosphereParams(**TINY, terrain_blocking=0.0)
     terrain = make_terrain(params)

@@ -17,8 +17,11 @@ A two-dimensional boundary-layer model, pure numpy, float64 inside and float32 o
   diluted into it, deposition acts across it, and its daytime growth entrains free-tropospheric
   air. (Compressing the column into a collapsing night layer instead would put the afternoon's
   ozone into the surface at dusk, the wrong way round.)
-- Terrain blocking: a flux (advective or diffusive) from a cell into a higher neighbour is
-  multiplied by ``exp(-terrain_blocking * dz / blocking_height_m)``. A parcel climbing a total
+- Terrain blocking: the pollution carried (by advection or diffusion) from a cell into a higher
+  neighbour, in excess of the free-tropospheric background, is multiplied by
+  ``exp(-terrain_blocking * dz / blocking_height_m)``: a stable layer keeps the polluted air
+  below the ridge, and what crosses it is background air (see ``advect_diffuse``; blocking the
+  whole flux would also pile clean background air into every basin). A parcel climbing a total
   height Z over several cells is attenuated by ``exp(-terrain_blocking * Z / H0)`` whatever the
   grid spacing, so the effect does not change with resolution. With ``terrain_blocking = 0`` the
   elevation influences no tracer anywhere: not transport, not deposition, not chemistry (these use
@@ -53,7 +56,7 @@ __all__ = [
 ]
 
 # Bump whenever the generated numbers change: build.py keys its corpus cache on it.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 # Dynamic output variables in corpus order, with units as in CAQRA (CO in mg/m^3).
 VARIABLES = ("u", "v", "temp", "rh", "psfc", "pm25", "pm10", "so2", "no2", "co", "o3")
@@ -206,9 +209,10 @@ class TransportCoefficients:
     """One-way exchange coefficients (m^2/s: volume flux per metre of column) for one wind state.
 
     ``east_fwd[i, j]`` moves mass from cell (i, j) to (i, j+1), ``east_bwd[i, j]`` back;
-    ``north_fwd[i, j]`` from (i, j) to (i+1, j). Each is (upwind advection + diffusion) times the
-    terrain factor of its own direction. Boundary faces: ``out_*`` carry mass out of the edge cell,
-    ``in_*`` bring background air in (all zero for a closed domain).
+    ``north_fwd[i, j]`` from (i, j) to (i+1, j). Each is upwind advection + diffusion; the
+    ``*_blocked`` twin is the same times the terrain factor of that direction (1 downhill) and
+    applies to the tracer in excess of the background. Boundary faces: ``out_*`` carry mass out
+    of the edge cell, ``in_*`` bring background air in (all zero for a closed domain).
     """
 
     east_flux: np.ndarray  # (H, W+1) signed advective flux through east faces
@@ -217,6 +221,10 @@ class TransportCoefficients:
     east_bwd: np.ndarray
     north_fwd: np.ndarray
     north_bwd: np.ndarray
+    east_fwd_blocked: np.ndarray
+    east_bwd_blocked: np.ndarray
+    north_fwd_blocked: np.ndarray
+    north_bwd_blocked: np.ndarray
     out_west: np.ndarray
     in_west: np.ndarray
     out_east: np.ndarray
@@ -261,11 +269,14 @@ def transport_coefficients(
     interior_e = east_flux[:, 1:-1]
     interior_n = north_flux[1:-1]
     coeffs = {
-        "east_fwd": (np.maximum(interior_e, 0.0) + diff_east) * east_f,
-        "east_bwd": (np.maximum(-interior_e, 0.0) + diff_east) * east_b,
-        "north_fwd": (np.maximum(interior_n, 0.0) + diff_north) * north_f,
-        "north_bwd": (np.maximum(-interior_n, 0.0) + diff_north) * north_b,
+        "east_fwd": np.maximum(interior_e, 0.0) + diff_east,
+        "east_bwd": np.maximum(-interior_e, 0.0) + diff_east,
+        "north_fwd": np.maximum(interior_n, 0.0) + diff_north,
+        "north_bwd": np.maximum(-interior_n, 0.0) + diff_north,
     }
+    directions = ("east_fwd", "east_bwd", "north_fwd", "north_bwd")
+    for name, factor in zip(directions, uphill, strict=True):
+        coeffs[name + "_blocked"] = coeffs[name] * factor
     gate = 0.0 if closed else 1.0
     edges = {
         "out_west": np.maximum(-east_flux[:, 0], 0.0) * gate,
@@ -278,6 +289,7 @@ def transport_coefficients(
         "in_north": np.maximum(-north_flux[-1], 0.0) * gate,
     }
     out = np.zeros(east_flux[:, 1:].shape)
+    # Unblocked coefficients bound the blocked ones, so this rate is an upper bound.
     out[:, :-1] += coeffs["east_fwd"]
     out[:, 1:] += coeffs["east_bwd"]
     out[:-1] += coeffs["north_fwd"]
@@ -309,24 +321,36 @@ def advect_diffuse(
     coeffs: TransportCoefficients,
     dt_s: float,
     n_substeps: int,
-    inflow_mass: np.ndarray | None = None,
+    background: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Advance column masses ``mass`` (n, H, W) by ``dt_s`` seconds in ``n_substeps`` steps.
 
     Flux form: every exchange removes from one cell exactly what it adds to its neighbour, so the
-    total sum(mass * area) changes only through the boundary. ``inflow_mass`` (n, H, W) is the
-    column mass of the air entering across the boundary (default: none). Returns the new masses
-    and the mass (n,) that left and entered across the boundary, in mass-unit x m^2.
+    total sum(mass * area) changes only through the boundary. ``background`` (n,) is the column
+    mass of free-tropospheric air (default 0): air entering across the boundary carries it, and
+    terrain blocking acts on the excess over it only. Air leaving a cell uphill carries
+    ``min(m, b) + factor * max(m - b, 0)``: the pollution excess stays behind the stable layer
+    while the air that crosses keeps background concentrations. That carried amount never
+    exceeds ``m`` (positivity under the same CFL limit), and a uniform background field stays
+    uniform under any non-divergent wind: blocking never piles clean air into basins.
+    Returns the new masses and the mass (n,) that left and entered across the boundary, in
+    mass-unit x m^2.
     """
     m = mass.astype(np.float64, copy=True)
+    n = m.shape[0]
+    floor = np.zeros((n, 1, 1)) if background is None else np.asarray(background).reshape(n, 1, 1)
     dt = dt_s / n_substeps
     c = coeffs
     outflow = np.zeros(m.shape[0])
     inflow = np.zeros(m.shape[0])
     tend = np.empty_like(m)
     for _ in range(n_substeps):
-        east = c.east_fwd * m[..., :-1] - c.east_bwd * m[..., 1:]  # (n, H, W-1) net eastward
-        north = c.north_fwd * m[..., :-1, :] - c.north_bwd * m[..., 1:, :]  # (n, H-1, W)
+        base = np.minimum(m, floor)
+        excess = m - base
+        east = (c.east_fwd * base[..., :-1] + c.east_fwd_blocked * excess[..., :-1]
+                - c.east_bwd * base[..., 1:] - c.east_bwd_blocked * excess[..., 1:])  # (n, H, W-1)
+        north = (c.north_fwd * base[..., :-1, :] + c.north_fwd_blocked * excess[..., :-1, :]
+                 - c.north_bwd * base[..., 1:, :] - c.north_bwd_blocked * excess[..., 1:, :])
         tend.fill(0.0)
         tend[..., :-1] -= east
         tend[..., 1:] += east
@@ -339,10 +363,9 @@ def advect_diffuse(
         tend[..., 0, :] -= out_s
         tend[..., -1, :] -= out_n
         outflow += dt * (out_w.sum(-1) + out_e.sum(-1) + out_s.sum(-1) + out_n.sum(-1))
-        if inflow_mass is not None:
-            in_w, in_e = c.in_west * inflow_mass[..., :, 0], c.in_east * inflow_mass[..., :, -1]
-            in_s = c.in_south * inflow_mass[..., 0, :]
-            in_n = c.in_north * inflow_mass[..., -1, :]
+        if background is not None:
+            in_w, in_e = c.in_west * floor[:, :, 0], c.in_east * floor[:, :, 0]  # (n, H)
+            in_s, in_n = c.in_south * floor[:, 0], c.in_north * floor[:, 0]  # (n, W)
             tend[..., :, 0] += in_w
             tend[..., :, -1] += in_e
             tend[..., 0, :] += in_s
@@ -706,8 +729,8 @@ class Atmosphere:
         self.mass += emission
         coeffs = transport_coefficients(self.geometry, east, north, self.uphill, p.diffusivity_m2_s)
         n_sub = cfl_substeps(coeffs, dt, p.cfl)
-        inflow_mass = np.broadcast_to(self.background(mid) * H_REF, self.mass.shape)
-        self.mass, outflow, inflow = advect_diffuse(self.mass, coeffs, dt, n_sub, inflow_mass)
+        background = self.background(mid)[:, 0, 0] * H_REF
+        self.mass, outflow, inflow = advect_diffuse(self.mass, coeffs, dt, n_sub, background)
         budget = self._chemistry(dt, mid, sun, self.weather.wetness(mid, v_syn), h)
         budget.update(emission=(emission * area).sum(axis=(1, 2)), inflow=inflow, outflow=outflow)
         self.last_coefficients, self.last_substeps = coeffs, n_sub
