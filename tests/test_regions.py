@@ -59,11 +59,12 @@ def test_region_table_pools_squared_errors_per_band():
     assert high.gain == pytest.approx(0.5)
     o3_high = by[(">= 1000 m", "o3")]
     assert o3_high.n_values == 4  # the never-valid cell adds nothing
+    assert (o3_high.n_cells, o3_high.n_cells_with_data) == (2, 1)
     assert o3_high.rmse_control == pytest.approx(np.sqrt(8 / 4))
     assert o3_high.gain == pytest.approx(1 - np.sqrt(2 / 4) / np.sqrt(8 / 4))
     table = format_region_table(rows, title="elevation band")
-    assert "| >= 1000 m | 2 | +50.00% | +50.00% |" in table
-    assert table.splitlines()[0] == "| elevation band | cells | pm25 gain | o3 gain |"
+    assert "| >= 1000 m | 2 (2) | +50.00% | +50.00% |" in table
+    assert table.splitlines()[0] == "| elevation band | cells (with data) | pm25 gain | o3 gain |"
 
 
 def test_region_table_refuses_unpaired_counts_and_bad_shapes():
@@ -194,4 +195,4 @@ def test_region_report_from_metrics_states_gives_both_tables():
     assert len(report["elevation_band"]) == 4 * 2
     plateau = [r for r in report["region"] if r["region"] == "plateau" and r["variable"] == "pm25"]
     assert plateau[0]["gain"] == pytest.approx(0.5)
-    assert "| plateau | 2 | +50.00% |" in report["markdown"]
+    assert "| plateau | 2 (2) | +50.00% |" in report["markdown"]

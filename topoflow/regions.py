@@ -148,6 +148,7 @@ class RegionRow:
     code: int
     variable: str
     n_cells: int
+    n_cells_with_data: int
     n_values: int
     rmse_control: float | None
     rmse_arm: float | None
@@ -200,6 +201,7 @@ def region_table(
                     int(code),
                     variable,
                     int(inside.sum()),
+                    int((c_n[v][inside] > 0).sum()),
                     int(n),
                     rmse_c,
                     rmse_a,
@@ -215,13 +217,14 @@ def format_region_table(rows: Sequence[RegionRow], *, title: str = "region") -> 
     regions = list(dict.fromkeys((r.code, r.region, r.n_cells) for r in rows))
     by_key = {(r.code, r.variable): r for r in rows}
     lines = [
-        f"| {title} | cells | " + " | ".join(f"{v} gain" for v in variables) + " |",
+        f"| {title} | cells (with data) | " + " | ".join(f"{v} gain" for v in variables) + " |",
         "|---|---:|" + "---:|" * len(variables),
     ]
     for code, name, n_cells in regions:
-        gains = [by_key[(code, v)].gain for v in variables]
-        cells = ["n/a" if g is None else f"{100 * g:+.2f}%" for g in gains]
-        lines.append(f"| {name} | {n_cells} | " + " | ".join(cells) + " |")
+        region_rows = [by_key[(code, v)] for v in variables]
+        with_data = max(r.n_cells_with_data for r in region_rows)
+        cells = ["n/a" if r.gain is None else f"{100 * r.gain:+.2f}%" for r in region_rows]
+        lines.append(f"| {name} | {n_cells} ({with_data}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
