@@ -4,11 +4,14 @@ loads fully initialized, mismatched heads fail loudly."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import initialization
 
+import modeling_topoflow
 from modeling_topoflow import (
     TopoFlowForForecasting,
     TopoFlowModel,
@@ -213,3 +216,32 @@ def test_elevation_scale_override_cannot_silently_disagree_with_saved_h_scale(tm
         baseline, elevation_bias_blocks=[0], elevation_scale=333.3
     )
     assert swept.topoflow.blocks[0].attn.H_scale.item() == pytest.approx(333.3)
+
+
+def test_init_weights_sets_every_parameter_and_buffer(monkeypatch):
+    """Structural guard: a new tensor that `_init_weights` forgets fails here, before a partial
+    load leaves it holding whatever memory transformers allocated."""
+    written: set[int] = set()
+
+    def recording(function):
+        def wrapper(tensor, *args, **kwargs):
+            written.add(id(tensor))
+            return function(tensor, *args, **kwargs)
+
+        return wrapper
+
+    names = [
+        name for name in dir(initialization) if name.endswith("_") and not name.startswith("_")
+    ]
+    spy = types.SimpleNamespace(
+        **{name: recording(getattr(initialization, name)) for name in names}
+    )
+    monkeypatch.setattr(modeling_topoflow, "init", spy)
+
+    model = TopoFlowForForecasting(make_tiny_config(elevation_bias_blocks=[0, 3]))
+    for module in model.modules():
+        module._is_hf_initialized = False
+    model.initialize_weights()
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    forgotten = sorted(name for name, tensor in tensors.items() if id(tensor) not in written)
+    assert forgotten == []
