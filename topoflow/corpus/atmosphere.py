@@ -334,7 +334,7 @@ def advect_diffuse(
     exceeds ``m`` (positivity under the same CFL limit), and a uniform background field stays
     uniform under any non-divergent wind: blocking never piles clean air into basins.
     Returns the new masses and the mass (n,) that left and entered across the boundary, in
-    mass-unit x m^2.
+    concentration unit x m^3 (ug for ug/m^3; mg for CO).
     """
     m = mass.astype(np.float64, copy=True)
     n = m.shape[0]
@@ -650,7 +650,7 @@ class Atmosphere:
         return (self.mass * self.geometry.area[None, :, None]).sum(axis=(1, 2))
 
     def _emissions(self, hour: float, local_hour: np.ndarray, wind: np.ndarray) -> np.ndarray:
-        """Emission fluxes (n, H, W) in mass-unit x m / s."""
+        """Surface emission fluxes (n, H, W) in ug/m^2/s (CO: mg/m^2/s)."""
         winter = self.weather.winter_index(hour)
         traffic = 0.55 + 0.6 * np.exp(-0.5 * ((local_hour - 8.0) / 1.5) ** 2) + 0.7 * np.exp(
             -0.5 * ((local_hour - 18.0) / 2.0) ** 2
@@ -713,7 +713,7 @@ class Atmosphere:
         }
 
     def step(self) -> dict[str, np.ndarray]:
-        """Advance one physics step; return the budget (n,) of each process in mass-unit x m^3
+        """Advance one physics step; return the budget (n,) of each process in ug (CO: mg)
         (emission, production, loss, exchange, inflow, outflow)."""
         p = self.params
         dt = 3600.0 * p.physics_step_hours
