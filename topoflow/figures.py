@@ -86,16 +86,19 @@ def plot_gain_maps(
 ) -> Path:
     """One map per variable of `gain` (V, H, W), a fraction; drawn in %, diverging around 0.
 
-    The colour range is symmetric, set by the 98th percentile of |gain| over all maps so a few
-    noisy cells do not wash out the rest; elevation contours (m) are drawn over each map.
+    The colour range is symmetric, set by the 98th percentile of |gain| over all maps (at most
+    100%) so a few noisy cells do not wash out the rest; elevation contours (m) are drawn over
+    each map.
     `extent` is (lon_min, lon_max, lat_min, lat_max) for geographic axes.
     """
     gain = np.asarray(gain, dtype=np.float64)
     if gain.ndim != 3 or gain.shape[0] != len(variables):
         raise ValueError(f"gain: expected ({len(variables)}, H, W), got {gain.shape}")
     finite = np.abs(gain[np.isfinite(gain)])
+    # A gain cannot exceed +100% but can fall far below -100%; capping the symmetric range at 100%
+    # keeps a few hopeless cells from washing out the rest (the colour bar marks the overflow).
     vmax = 100 * float(np.percentile(finite, 98)) if finite.size else 1.0
-    vmax = vmax if vmax > 0 else 1.0
+    vmax = min(vmax, 100.0) if vmax > 0 else 1.0
     cols = min(3, len(variables))
     rows = -(-len(variables) // cols)
     height, width = gain.shape[1:]
@@ -122,7 +125,14 @@ def plot_gain_maps(
         mean_gain = np.nanmean(gain[k]) if np.isfinite(gain[k]).any() else np.nan
         ax.set_title(f"{variables[k]} (cell mean {100 * mean_gain:+.1f}%)", fontsize=9)
         ax.tick_params(labelsize=7)
-    fig.colorbar(image, ax=axes, shrink=0.9, label="gain = 1 - RMSE_arm / RMSE_control (%)")
+    overflow = "min" if finite.size and 100 * finite.max() > vmax else "neither"
+    fig.colorbar(
+        image,
+        ax=axes,
+        shrink=0.9,
+        extend=overflow,
+        label="gain = 1 - RMSE_arm / RMSE_control (%)",
+    )
     notes = ["grey: no valid data"]
     if elevation_m is not None:
         notes.append(f"contours: elevation {_levels(contour_levels_m)}")
