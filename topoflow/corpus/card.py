@@ -58,6 +58,10 @@ def render_dataset_card(
     """A huggingface_hub.DatasetCard for `meta` from hub_cards/dataset_card.md."""
     from huggingface_hub import DatasetCard
 
+    if not TEMPLATE_PATH.is_file():
+        # hub_cards/ sits beside the package in the repository (editable installs); a wheel must
+        # ship it for corpora to be buildable.
+        raise FileNotFoundError(f"dataset-card template {TEMPLATE_PATH} is missing")
     if license is None:
         synthetic = "embedded generator" in str(meta.provenance.get("source"))
         license = "apache-2.0" if synthetic else "other"
