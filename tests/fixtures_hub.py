@@ -24,6 +24,7 @@ __all__ = [
     "LEADS",
     "GRID",
     "NORMALIZATION",
+    "UNITS",
     "make_metrics_block",
     "write_run_outputs",
     "tiny_forecaster",
@@ -37,8 +38,8 @@ GRID = (4, 8)
 NORMALIZATION = {
     "mean": {"pm25": 50.0, "o3": 80.0},
     "std": {"pm25": 30.0, "o3": 25.0},
-    "units": {"pm25": "ug/m3", "o3": "ug/m3"},
 }
+UNITS = {"pm25": "ug/m3", "o3": "ug/m3"}
 
 
 def make_metrics_block(seed: int = 0) -> dict[str, Any]:
@@ -48,6 +49,7 @@ def make_metrics_block(seed: int = 0) -> dict[str, Any]:
         target_variables=TARGETS,
         lead_times_hours=LEADS,
         normalization=NORMALIZATION,
+        units=UNITS,
         grid_shape=GRID,
         input_variables=["u", *TARGETS],
     )
@@ -113,11 +115,8 @@ def model_metrics_block(model: TopoFlowForForecasting, batch: dict[str, Any]) ->
     metrics = ForecastMetrics(
         target_variables=config.target_variables,
         lead_times_hours=config.lead_times_hours,
-        normalization={
-            "mean": config.variable_mean,
-            "std": config.variable_std,
-            "units": config.variable_units or {},
-        },
+        normalization={"mean": config.variable_mean, "std": config.variable_std},
+        units=config.variable_units,
         grid_shape=tuple(config.img_size),
         input_variables=config.variables,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures_hub import make_tiny_run
-from topoflow.export import export_run, main
+from topoflow.export import _NOT_REPRODUCED, export_run, main, regenerate_command
 from topoflow.model_card import CARD_METRICS, scores_from_card
 from topoflow.safety import (
     MANIFEST_FILENAME,
@@ -191,3 +192,48 @@ def test_cli_dry_run_writes_only_and_refuses_to_overwrite(run_dir: Path, tmp_pat
     verify_model_folder(out)
     with pytest.raises(SystemExit):
         main([str(run_dir), "--out", str(tmp_path / "other")])  # a push needs --repo-id
+
+
+def test_regenerate_command_parses_back_to_the_recorded_arguments() -> None:
+    from topoflow.training.args import parse_args
+
+    argv = [
+        "--from-scratch",
+        "--config",
+        "tiny",
+        "--corpus-size",
+        "tiny",
+        "--no-shuffle",
+        "--learning-rate",
+        "0.00025",
+        "--max-steps",
+        "40",
+        "--elevation-blocks",
+        "0,1",
+        "--output-dir",
+        "/somewhere/else",
+        "--report-to",
+        "none",
+    ]
+    recorded = vars(parse_args(argv))
+    tokens = shlex.split(regenerate_command(recorded, world_size=2))
+    assert tokens[:5] == ["accelerate", "launch", "--num_processes", "2", "train_accelerate.py"]
+    assert tokens[-2:] == ["--output-dir", "RUN"]
+    again = vars(parse_args(tokens[5:]))
+    reproduced = {key for key in recorded if key not in _NOT_REPRODUCED}
+    assert {key: again[key] for key in reproduced} == {key: recorded[key] for key in reproduced}
+    assert "--learning-rate 0.00025" in " ".join(tokens)
+
+
+def test_export_of_a_run_with_run_info_shows_recipe_and_command(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    from topoflow.training.args import parse_args
+
+    args = vars(parse_args(["--from-scratch", "--config", "tiny", "--batch-size", "3"]))
+    (run_dir / "run_info.json").write_text(json.dumps({"args": args, "world_size": 1}))
+    folder = _export(run_dir, tmp_path / "export")
+    text = (folder / "README.md").read_text()
+    assert "| batch_size | 3 |" in text
+    assert "accelerate launch train_accelerate.py --from-scratch --config tiny" in text
+    assert "--batch-size 3 --output-dir RUN" in text

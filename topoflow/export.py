@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import CommitInfo, HfApi
 from safetensors import safe_open
@@ -31,12 +33,45 @@ __all__ = [
     "find_model_dir",
     "find_val_loss_plot",
     "count_weight_elements",
+    "regenerate_command",
+    "RECIPE_KEYS",
     "export_run",
     "push_folder",
     "main",
 ]
 
 HUB_FILES = ("configuration_topoflow.py", "modeling_topoflow.py")
+RUN_INFO = "run_info.json"
+# train_accelerate.py arguments that make up the recipe shown on the card.
+RECIPE_KEYS = (
+    "from_scratch",
+    "config",
+    "model",
+    "revision",
+    "corpus",
+    "corpus_size",
+    "train_split",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "max_grad_norm",
+    "epochs",
+    "max_steps",
+    "mixed_precision",
+    "attn_implementation",
+)
+# Arguments about where and how verbosely a run writes, not about what it computes.
+_NOT_REPRODUCED = (
+    "output_dir",
+    "overwrite",
+    "report_to",
+    "no_progress_bar",
+    "debug_log_sample_ids",
+    "resume_from_checkpoint",
+    "stop_after_steps",
+)
 _PREFERRED_MODEL_DIRS = ("final_model", "model", "final")
 
 
@@ -93,6 +128,37 @@ def count_weight_elements(model_dir: Path) -> int:
     return total
 
 
+def regenerate_command(run_args: Mapping[str, Any], world_size: int = 1) -> str:
+    """The train_accelerate.py command line that reproduces a run from its recorded arguments
+    (run_info.json "args"): every argument that differs from the parser default, so
+    `parse_args` of it gives back the recorded values (tests hold this)."""
+    from topoflow.training.args import build_parser
+
+    parser = build_parser()
+    defaults = vars(parser.parse_args([]))
+    options = {action.dest: action for action in parser._actions if action.option_strings}
+    tokens: list[str] = []
+    for dest, value in run_args.items():
+        if dest in _NOT_REPRODUCED or dest not in options or value == defaults.get(dest):
+            continue
+        flag = options[dest].option_strings[-1]
+        if isinstance(value, bool):
+            tokens += [flag] if value else []
+        elif isinstance(value, list | tuple):
+            tokens += [flag, ",".join(str(v) for v in value) or "none"]
+        elif value is not None:
+            tokens += [flag, repr(value) if isinstance(value, float) else str(value)]
+    launch = ["accelerate", "launch"]
+    if world_size > 1:
+        launch += ["--num_processes", str(world_size)]
+    return shlex.join([*launch, "train_accelerate.py", *tokens, "--output-dir", "RUN"])
+
+
+def _read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RUN_INFO
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def _check_model_dir(model_dir: Path) -> dict:
     refuse_pickle_files(model_dir)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
@@ -129,7 +195,7 @@ def export_run(
     dataset_id: str = "topoflow-embedded-default",
     dataset_name: str = "TopoFlow embedded default corpus (synthetic)",
     synthetic: bool = True,
-    regenerate_command: str | None = None,
+    reproduce_command: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the Hub-ready folder of `run_dir` to `out_dir` (atomically: staged, then renamed)."""
@@ -140,6 +206,10 @@ def export_run(
     csv_path = run_dir / "val_loss.csv"
     val_loss_rows = read_val_loss_csv(csv_path) if csv_path.is_file() else []
     plot = find_val_loss_plot(run_dir)
+    run_info = _read_run_info(run_dir)
+    run_args = run_info.get("args") or {}
+    if reproduce_command is None and run_args:
+        reproduce_command = regenerate_command(run_args, int(run_info.get("world_size", 1)))
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"export folder {out_dir} exists; pass --overwrite to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -161,9 +231,10 @@ def export_run(
             dataset_name=dataset_name,
             synthetic=synthetic,
             val_loss_rows=val_loss_rows,
+            recipe={key: run_args[key] for key in RECIPE_KEYS if key in run_args},
             plot_filename=plot.name if plot is not None else None,
             num_parameters=count_weight_elements(staging),
-            regenerate_command=regenerate_command,
+            regenerate_command=reproduce_command,
         )
         card.save(staging / "README.md")
         write_manifest(staging)
@@ -240,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset_id=args.dataset_id,
         dataset_name=args.dataset_name,
         synthetic=not args.real_data,
-        regenerate_command=args.regenerate_command,
+        reproduce_command=args.regenerate_command,
         overwrite=args.overwrite,
     )
     print(f"exported {args.run_dir} -> {folder}")

@@ -115,9 +115,10 @@ def scores_from_card(card: ModelCard) -> dict[tuple[str, int, str], float]:
     return found
 
 
-def read_val_loss_csv(path: str | Path) -> list[tuple[int, float]]:
-    """(step, val loss) rows of a run's val_loss.csv: the first column named like `step` and the
-    first other column whose name contains `loss`."""
+def read_val_loss_csv(path: str | Path) -> list[tuple[int, float, str]]:
+    """(step, val loss, evaluated on) rows of a run's val_loss.csv: the first column named like
+    `step`, the first other column whose name contains `loss`, and train_accelerate.py's `full`
+    column (full split or the fixed validation subset) when present."""
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
@@ -126,7 +127,16 @@ def read_val_loss_csv(path: str | Path) -> list[tuple[int, float]]:
         loss_col = next((f for f in fields if "loss" in f.lower() and f != step_col), None)
         if step_col is None or loss_col is None:
             raise ValueError(f"{path}: expected a step column and a loss column, got {fields}")
-        return [(int(float(row[step_col])), float(row[loss_col])) for row in reader]
+        return [
+            (int(float(row[step_col])), float(row[loss_col]), _evaluated_on(row.get("full")))
+            for row in reader
+        ]
+
+
+def _evaluated_on(full: str | None) -> str:
+    if full is None:
+        return "-"
+    return "full split" if full.strip().lower() in ("true", "1") else "validation subset"
 
 
 def _fmt(value: object) -> str:
@@ -135,11 +145,11 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list | tuple):
-        return ", ".join(str(v) for v in value)
+        return ", ".join(str(v) for v in value) if value else "none"
     return str(value)
 
 
-def _sample_rows(rows: Sequence[tuple[int, float]]) -> list[tuple[int, str]]:
+def _sample_rows(rows: Sequence[tuple[int, float, str]]) -> list[tuple[int, str, str]]:
     """At most _MAX_VAL_LOSS_ROWS evenly spaced rows, always the first and the last."""
     if len(rows) > _MAX_VAL_LOSS_ROWS:
         last = len(rows) - 1
@@ -147,7 +157,7 @@ def _sample_rows(rows: Sequence[tuple[int, float]]) -> list[tuple[int, str]]:
             {round(i * last / (_MAX_VAL_LOSS_ROWS - 1)) for i in range(_MAX_VAL_LOSS_ROWS)}
         )
         rows = [rows[i] for i in picks]
-    return [(step, _fmt(loss)) for step, loss in rows]
+    return [(step, _fmt(loss), where) for step, loss, where in rows]
 
 
 def _score_rows(block: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -230,6 +240,30 @@ def _flat_rows(section: object) -> list[tuple[str, str]]:
     return rows
 
 
+# Machine-local or bookkeeping entries of report["run"] that say nothing about the recipe.
+_RUN_KEYS_SKIPPED = ("model_dir", "wall_time_s", "planned_steps", "epochs_started")
+
+
+def _recipe_rows(run: object, recipe: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    rows = [row for row in _flat_rows(run) if row[0] not in _RUN_KEYS_SKIPPED]
+    known = {key for key, _ in rows}
+    return rows + [row for row in _flat_rows(recipe) if row[0] not in known]
+
+
+def _corpus_rows(corpus: object) -> list[tuple[str, str]]:
+    """The corpus description that config.json carries: its name and generator/converter
+    provenance, nested parameters flattened one level (`generator_params.seed`)."""
+    if not isinstance(corpus, Mapping):
+        return []
+    flat: dict[str, Any] = {key: value for key, value in corpus.items() if key != "provenance"}
+    for key, value in (corpus.get("provenance") or {}).items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{inner}": item for inner, item in value.items()})
+        else:
+            flat[key] = value
+    return _flat_rows(flat)
+
+
 def _verdict_text(verdict: object) -> str | None:
     # train_accelerate.py writes the verdict as a dict (topoflow.training.report.make_verdict).
     if isinstance(verdict, Mapping):
@@ -263,7 +297,8 @@ def render_model_card(
     synthetic: bool = True,
     base_model: str | None = None,
     license: str = "apache-2.0",
-    val_loss_rows: Sequence[tuple[int, float]] = (),
+    val_loss_rows: Sequence[tuple[int, float, str]] = (),
+    recipe: Mapping[str, Any] | None = None,
     plot_filename: str | None = None,
     num_parameters: int | None = None,
     regenerate_command: str | None = None,
@@ -321,8 +356,8 @@ def render_model_card(
         lead_times=_fmt(config.get("lead_times_hours", "?")),
         architecture=_architecture_rows(config, num_parameters),
         synthetic=synthetic,
-        training_data=_flat_rows(report.get("corpus") or report.get("data")),
-        recipe=_flat_rows(report.get("run")) + _flat_rows(report.get("args")),
+        training_data=_corpus_rows(config.get("corpus")),
+        recipe=_recipe_rows(report.get("run"), recipe),
         regenerate_command=regenerate_command,
         verdict=_verdict_text(report.get("verdict")),
         verdict_rows=[row for row in _flat_rows(report.get("verdict")) if row[0] != "verdict"],
