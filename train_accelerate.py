@@ -65,7 +65,7 @@ from topoflow.training.report import (
     write_report,
 )
 
-__all__ = ["main", "train"]
+__all__ = ["OutputDirError", "main", "previous_run_outputs", "train"]
 
 logger = logging.getLogger("train_accelerate")
 
@@ -114,22 +114,29 @@ def _multi_process_without_gpu() -> bool:
     return world_size > 1 and not torch.cuda.is_available()
 
 
-def prepare_output_dir(args: Any, accelerator: Accelerator) -> Path:
-    """Refuse to mix two runs in one folder; every rank checks before the main rank writes."""
-    output_dir = Path(args.output_dir)
+def previous_run_outputs(output_dir: Path, *, resuming: bool, overwrite: bool) -> list[str]:
+    """Outputs of an earlier run in `output_dir` that --overwrite will remove; raise
+    OutputDirError when there are some and the user neither resumes nor overwrites."""
     previous = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
-    if previous and not args.resume_from_checkpoint and not args.overwrite:
+    if previous and not resuming and not overwrite:
         raise OutputDirError(
             f"--output-dir {output_dir} holds another run ({', '.join(previous)}); pass "
             "--overwrite to replace it, --resume-from-checkpoint latest to continue it, or "
             "choose another --output-dir"
         )
+    return [] if resuming else previous
+
+
+def prepare_output_dir(args: Any, accelerator: Accelerator) -> Path:
+    """Refuse to mix two runs in one folder; every rank checks before the main rank writes."""
+    output_dir = Path(args.output_dir)
+    stale = previous_run_outputs(output_dir, resuming=bool(args.resume_from_checkpoint),
+                                 overwrite=args.overwrite)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if args.overwrite and not args.resume_from_checkpoint:
-            for name in previous:
-                target = output_dir / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        for name in stale:
+            target = output_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return output_dir
