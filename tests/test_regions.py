@@ -175,6 +175,26 @@ def test_figures_write_pngs(tmp_path):
     for path in paths:
         data = path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, path
+    at_basin = plot_attention_bias(
+        z,
+        tmp_path / "b2.png",
+        patch_size=2,
+        alpha=1.0,
+        h_scale_m=500.0,
+        query_latlon=(8.0, 14.0),
+        extent=(0.0, 32.0, 0.0, 16.0),
+    )
+    assert at_basin.read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(ValueError, match="outside the grid extent"):
+        plot_attention_bias(
+            z,
+            tmp_path / "b3.png",
+            patch_size=2,
+            alpha=1.0,
+            h_scale_m=500.0,
+            query_latlon=(40.0, 14.0),
+            extent=(0.0, 32.0, 0.0, 16.0),
+        )
     with pytest.raises(ValueError, match="gain: expected"):
         plot_gain_maps(gain, ["pm25"], tmp_path / "bad.png")
 

@@ -249,6 +249,20 @@ def default_query_patch(patch_elevation_m: np.ndarray, radius: int = 3) -> tuple
     return flat // cols, flat % cols
 
 
+def _patch_at(
+    latlon: tuple[float, float], extent: Extent | None, shape: tuple[int, int]
+) -> tuple[int, int]:
+    """Patch (row, col) containing a (lat, lon) point on a grid spanning `extent`."""
+    if extent is None:
+        raise ValueError("query_latlon needs extent=(lon_min, lon_max, lat_min, lat_max)")
+    lon0, lon1, lat0, lat1 = extent
+    lat, lon = latlon
+    if not (lat0 <= lat < lat1 and lon0 <= lon < lon1):
+        raise ValueError(f"query_latlon {latlon} lies outside the grid extent {extent}")
+    rows, cols = shape
+    return int((lat - lat0) / (lat1 - lat0) * rows), int((lon - lon0) / (lon1 - lon0) * cols)
+
+
 def plot_attention_bias(
     elevation_m: np.ndarray,
     path: str | Path,
@@ -258,17 +272,26 @@ def plot_attention_bias(
     h_scale_m: float,
     clamp_max: float = 10.0,
     query_patch: tuple[int, int] | None = None,
+    query_latlon: tuple[float, float] | None = None,
     extent: Extent | None = None,
     contour_levels_m: Sequence[float] = (1000.0, 3000.0),
 ) -> Path:
     """Two panels: patch-mean elevation with the query marked, and the query's bias row.
 
     The bias row shows how much attention logit the query patch loses toward each key patch:
-    0 at and below the query's height, down to -clamp_max toward much higher terrain.
+    0 at and below the query's height, down to -clamp_max toward much higher terrain. The query
+    is `query_patch` (row, col on the patch grid), or the patch holding `query_latlon` (needs
+    `extent`; e.g. (30.5, 105.8) for the Sichuan basin of the default terrain), or else
+    `default_query_patch`.
     """
     elevation_m = np.asarray(elevation_m, dtype=np.float64)
     z = _patch_means(elevation_m, patch_size)
-    query = default_query_patch(z) if query_patch is None else tuple(query_patch)
+    if query_patch is not None:
+        query = (int(query_patch[0]), int(query_patch[1]))
+    elif query_latlon is not None:
+        query = _patch_at(query_latlon, extent, z.shape)
+    else:
+        query = default_query_patch(z)
     bias = elevation_bias_row(z, query, alpha=alpha, h_scale_m=h_scale_m, clamp_max=clamp_max)
     rows, cols = z.shape
     if extent is None:
