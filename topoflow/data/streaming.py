@@ -131,11 +131,13 @@ def _generate_samples(
         for k in order.tolist():
             i, lead = pairs[k]
             sample_id = int(time_hour[i]) * 1000 + lead
+            # Copies (about 0.1 MB per sample), so a consumer that edits a sample in place
+            # cannot corrupt the shard buffer or the samples that share its rows.
             yield f"{task['file']}:{sample_id}", {
-                "fields": inputs[i],
+                "fields": inputs[i].copy(),
                 "lead_time_hours": np.float32(lead),
-                "labels": labels[i + lead // step],
-                "region_mask": source.region_mask,
+                "labels": labels[i + lead // step].copy(),
+                "region_mask": source.region_mask.copy(),
                 "sample_ids": np.int64(sample_id),
             }
 
