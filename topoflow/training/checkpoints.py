@@ -68,10 +68,14 @@ def data_state_file(rank: int) -> str:
 
 
 def required_files(world_size: int) -> dict[str, str]:
-    """File name -> what it holds, for each file a resume with `world_size` ranks needs."""
+    """Entry name -> what it holds, for each entry a resume with `world_size` ranks needs.
+
+    A name with "|" lists alternatives: FSDP with sharded state dicts writes folders
+    (`pytorch_model_fsdp_0/`, `optimizer_0/`) where DDP and single-process runs write files.
+    """
     files = {
-        "model.safetensors": "model weights",
-        "optimizer.bin": "optimizer state (AdamW moments)",
+        "model.safetensors|pytorch_model_fsdp_0": "model weights",
+        "optimizer.bin|optimizer_0": "optimizer state (AdamW moments)",
         "scheduler.bin": "learning-rate scheduler state",
         TRAINER_STATE_FILE: "step counters and logged history",
     }
@@ -79,6 +83,14 @@ def required_files(world_size: int) -> dict[str, str]:
         files[f"random_states_{rank}.pkl"] = f"RNG state of rank {rank}"
         files[data_state_file(rank)] = f"data-loader position of rank {rank}"
     return files
+
+
+def _present(folder: Path, name: str) -> bool:
+    return any((folder / option).exists() for option in name.split("|"))
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.is_file())
 
 
 def _sha256(path: Path) -> str:
@@ -159,16 +171,17 @@ def save_checkpoint(
 
 
 def _commit(tmp: Path, final: Path, step: int, world_size: int) -> None:
-    missing = [name for name in required_files(world_size) if not (tmp / name).is_file()]
+    missing = [name for name in required_files(world_size) if not _present(tmp, name)]
     if missing:
         raise CheckpointError(
             f"checkpoint of step {step} in {tmp} lacks {missing} after all ranks saved; is "
             "the output dir on a file system shared by all ranks?"
         )
     files = {}
-    for path in sorted(tmp.iterdir()):
+    for path in _files_under(tmp):
         _fsync_file(path)
-        files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.relative_to(tmp).as_posix()] = {"size": path.stat().st_size,
+                                                   "sha256": _sha256(path)}
     marker = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "files": files}
     _write_json(tmp / COMPLETE_MARKER, marker)
     _fsync_dir(tmp)
@@ -240,9 +253,10 @@ def validate_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
             "data position belongs to its own shards"
         )
     for name, meaning in required_files(world_size).items():
-        if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint {path} is missing {name} ({meaning}); refusing to "
-                                  "resume from it")
+        if not _present(path, name):
+            shown = name.replace("|", " or ")
+            raise CheckpointError(f"checkpoint {path} is missing {shown} ({meaning}); refusing "
+                                  "to resume from it")
     for name, expected in marker["files"].items():
         file = path / name
         if not file.is_file():
