@@ -36,7 +36,9 @@ __all__ = [
     "TopoFlowPreTrainedModel",
     "elevation_bias_matrix",
     "elevation_biased_attention",
+    "masked_mse",
     "patch_mean_elevation",
+    "plain_attention",
     "sincos_position_embedding_2d",
     "sincos_embedding_1d",
 ]
@@ -442,6 +444,8 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
         """The first resolver's answer, else the name itself; an existing local path always wins.
 
         Resolvers also see local paths, so they can check them (e.g. a checksum manifest)."""
+        if name_or_path is None:  # from_pretrained(None, config=..., state_dict=...)
+            return name_or_path
         for resolver in TopoFlowPreTrainedModel._name_resolvers:
             resolved = resolver(os.fspath(name_or_path))
             if resolved is not None and not os.path.exists(name_or_path):

@@ -175,3 +175,15 @@ def test_unknown_implementation_is_refused():
     query, key, value, elevation = _random_attention_inputs()
     with pytest.raises(ValueError, match="not supported"):
         _call("flash_attention_2", query, key, value, elevation, torch.tensor(1.0))
+
+
+def test_model_with_flex_attention_matches_eager_on_cpu():
+    model = _biased_model()
+    batch = make_tiny_batch(model.config)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = model(**batch).forecast
+        model.set_attn_implementation("flex_attention")
+        assert model.config._attn_implementation == "flex_attention"
+        flex = model(**batch).forecast
+    torch.testing.assert_close(flex, eager, atol=1e-6, rtol=1e-5)
