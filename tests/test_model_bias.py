@@ -179,6 +179,7 @@ def test_unknown_implementation_is_refused():
 
 def test_model_with_flex_attention_matches_eager_on_cpu():
     model = _biased_model()
+    model.set_attn_implementation("eager")
     batch = make_tiny_batch(model.config)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
