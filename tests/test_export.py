@@ -237,3 +237,44 @@ def test_export_of_a_run_with_run_info_shows_recipe_and_command(
     assert "| batch_size | 3 |" in text
     assert "accelerate launch train_accelerate.py --from-scratch --config tiny" in text
     assert "--batch-size 3 --output-dir RUN" in text
+
+
+def test_export_scores_a_run_without_scores_on_its_corpus(
+    synthetic_corpus: Path, tmp_path: Path
+) -> None:
+    from modeling_topoflow import TopoFlowForForecasting
+    from tests.fixtures_hub import write_run_outputs
+    from topoflow.corpus.schema import CorpusMetadata
+    from topoflow.safety import save_model_folder
+    from topoflow.training.model_setup import build_from_scratch_config
+
+    meta = CorpusMetadata.load(synthetic_corpus)
+    preset = tmp_path / "tiny_config.json"  # the synthetic corpus's 4 x 6 grid needs patch 2
+    preset.write_text(json.dumps({"patch_size": 2, "embed_dim": 16, "depth": 2, "num_heads": 2}))
+    config = build_from_scratch_config(
+        str(preset), meta, elevation_blocks=[0], elevation_scale=1000.0, alpha_init=0.3
+    )
+    torch.manual_seed(0)
+    save_model_folder(TopoFlowForForecasting(config), tmp_path / "run" / "model")
+    report = write_run_outputs(tmp_path / "run")
+    del report["metrics"]
+    (tmp_path / "run" / "report.json").write_text(json.dumps(report))
+    folder = export_run(
+        tmp_path / "run", tmp_path / "export", repo_id="acme/x", evaluate_corpus=synthetic_corpus
+    )
+    written = json.loads((folder / "training_report.json").read_text())
+    assert written["metrics_split"] == "validation"
+    scores = scores_from_card(ModelCard.load(folder / "README.md"))
+    expected = {
+        (variable, int(lead), metric): row[metric]
+        for variable, per_lead in written["metrics"]["variables"].items()
+        for lead, row in per_lead.items()
+        if lead != "all"
+        for metric in CARD_METRICS
+        if row.get(metric) is not None
+    }
+    assert scores == expected
+    assert {(v, h) for v, h, _ in scores} == {
+        (v, h) for v in config.target_variables for h in config.lead_times_hours
+    }
+    assert "scored at export" in (folder / "README.md").read_text()

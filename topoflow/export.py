@@ -25,7 +25,12 @@ from typing import Any
 from huggingface_hub import CommitInfo, HfApi
 from safetensors import safe_open
 
-from topoflow.model_card import load_report, read_val_loss_csv, render_model_card
+from topoflow.model_card import (
+    find_metrics_block,
+    load_report,
+    read_val_loss_csv,
+    render_model_card,
+)
 from topoflow.safety import check_finite_safetensors, refuse_pickle_files, write_manifest
 
 __all__ = [
@@ -34,6 +39,7 @@ __all__ = [
     "find_val_loss_plot",
     "count_weight_elements",
     "regenerate_command",
+    "score_model",
     "RECIPE_KEYS",
     "export_run",
     "push_folder",
@@ -154,6 +160,58 @@ def regenerate_command(run_args: Mapping[str, Any], world_size: int = 1) -> str:
     return shlex.join([*launch, "train_accelerate.py", *tokens, "--output-dir", "RUN"])
 
 
+def score_model(
+    model_dir: str | os.PathLike,
+    corpus: str | os.PathLike,
+    split: str = "validation",
+    *,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """ForecastMetrics.compute() of the saved model on a corpus split (persistence included), for
+    runs whose report.json carries no per-pollutant scores. Every sample of the split is scored
+    once, in stream order, in a single process."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from modeling_topoflow import TopoFlowForForecasting
+    from topoflow.data import collate_forecast_batch, make_forecast_dataset
+    from topoflow.metrics import ForecastMetrics
+
+    model = TopoFlowForForecasting.from_pretrained(model_dir).eval()
+    config = model.config
+    normalization = {"mean": config.variable_mean, "std": config.variable_std}
+    dataset = make_forecast_dataset(
+        corpus,
+        split,
+        variables=config.variables,
+        target_variables=config.target_variables,
+        lead_times_hours=config.lead_times_hours,
+        normalization=normalization,
+        shuffle=False,
+    )
+    metrics = ForecastMetrics(
+        target_variables=config.target_variables,
+        lead_times_hours=config.lead_times_hours,
+        normalization=normalization,
+        grid_shape=tuple(config.img_size),
+        input_variables=config.variables,
+        units=config.variable_units,
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_forecast_batch)
+    with torch.no_grad():
+        for batch in loader:
+            out = model(fields=batch["fields"], lead_time_hours=batch["lead_time_hours"])
+            metrics.add(
+                out.forecast,
+                batch["labels"],
+                batch["region_mask"],
+                batch["sample_ids"],
+                fields=batch["fields"],
+            )
+    # Through JSON so the card and training_report.json hold the very same Python floats.
+    return json.loads(json.dumps(metrics.compute()))
+
+
 def _read_run_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RUN_INFO
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -197,12 +255,18 @@ def export_run(
     synthetic: bool = True,
     reproduce_command: str | None = None,
     overwrite: bool = False,
+    evaluate_corpus: str | os.PathLike | None = None,
+    evaluate_split: str = "validation",
 ) -> Path:
     """Write the Hub-ready folder of `run_dir` to `out_dir` (atomically: staged, then renamed)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model_dir = Path(model_dir) if model_dir is not None else find_model_dir(run_dir)
     config = _check_model_dir(model_dir)
     report = load_report(run_dir / "report.json")
+    if evaluate_corpus is not None and find_metrics_block(report) is None:
+        report["metrics"] = score_model(model_dir, evaluate_corpus, evaluate_split)
+        report["metrics_split"] = evaluate_split
+        report["metrics_source"] = "scored at export by topoflow.export.score_model"
     csv_path = run_dir / "val_loss.csv"
     val_loss_rows = read_val_loss_csv(csv_path) if csv_path.is_file() else []
     plot = find_val_loss_plot(run_dir)
@@ -216,7 +280,9 @@ def export_run(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         _copy_model_files(model_dir, staging)
-        shutil.copy2(run_dir / "report.json", staging / "training_report.json")
+        (staging / "training_report.json").write_text(
+            json.dumps(report, indent=2) + "\n", encoding="utf-8"
+        )
         if csv_path.is_file():
             shutil.copy2(csv_path, staging / "val_loss.csv")
         if plot is not None:
@@ -293,6 +359,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset-name", default="TopoFlow embedded default corpus (synthetic)")
     parser.add_argument("--real-data", action="store_true", help="trained on real reanalysis")
     parser.add_argument("--regenerate-command", help="command that reproduces the run (card)")
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="when report.json has no per-pollutant scores, score the model on the run's corpus "
+        "(run_info.json) or --evaluate-corpus",
+    )
+    parser.add_argument("--evaluate-corpus", help="corpus folder or Hub dataset id to score on")
+    parser.add_argument("--evaluate-split", default="validation")
     return parser
 
 
@@ -301,6 +375,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.dry_run and not args.repo_id:
         _parser().error("--repo-id is required unless --dry-run")
     repo_id = args.repo_id or f"your-org/{Path(args.out).name}"
+    corpus = args.evaluate_corpus
+    if args.evaluate and corpus is None:
+        corpus = (_read_run_info(Path(args.run_dir)).get("args") or {}).get("corpus")
+        corpus = corpus or _read_run_info(Path(args.run_dir)).get("corpus")
+        if corpus is None:
+            _parser().error("--evaluate: no corpus in run_info.json; pass --evaluate-corpus")
     folder = export_run(
         args.run_dir,
         args.out,
@@ -313,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         synthetic=not args.real_data,
         reproduce_command=args.regenerate_command,
         overwrite=args.overwrite,
+        evaluate_corpus=corpus,
+        evaluate_split=args.evaluate_split,
     )
     print(f"exported {args.run_dir} -> {folder}")
     if args.dry_run:

@@ -364,6 +364,7 @@ def render_model_card(
         val_loss_rows=_sample_rows(list(val_loss_rows)),
         plot_filename=plot_filename,
         split=split,
+        metrics_source=report.get("metrics_source"),
         score_rows=_score_rows(block) if block is not None else [],
     )
 
