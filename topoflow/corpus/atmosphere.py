@@ -4,8 +4,11 @@ A two-dimensional boundary-layer model, pure numpy, float64 inside and float32 o
 
 - Winds: a non-divergent synoptic flow (seasonal westerly jet, monsoon, eastward-travelling waves,
   random eddies) given by a streamfunction on cell corners, so the discrete flow conserves a
-  uniform tracer exactly; plus a diurnal land-sea breeze and, scaled by ``terrain_blocking``, a
-  deflection of upslope wind along the height contours.
+  uniform tracer exactly; plus a diurnal land-sea breeze. Scaled by ``terrain_blocking``, the
+  terrain adds a seasonal circulation along the height contours (the plateau's winter cold high
+  and summer thermal low), written as a streamfunction proportional to the smoothed elevation,
+  so it steers air around mountains without creating convergence. (A divergent deflection of
+  upslope wind was tried and dropped: it piled air, and with it ozone and dust, into basins.)
 - Temperature (seasonal, diurnal, lapse rate, warm advection), humidity from a moisture field and
   the saturation pressure, surface pressure from the hypsometric equation.
 - Six tracers held as surface concentration times a fixed reference depth ``H_REF`` (so the
@@ -56,7 +59,7 @@ __all__ = [
 ]
 
 # Bump whenever the generated numbers change: build.py keys its corpus cache on it.
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 
 # Dynamic output variables in corpus order, with units as in CAQRA (CO in mg/m^3).
 VARIABLES = ("u", "v", "temp", "rh", "psfc", "pm25", "pm10", "so2", "no2", "co", "o3")
@@ -123,8 +126,9 @@ class AtmosphereParams:
     terrain_blocking: dimensionless knob; 0 means the elevation has no effect on the tracers and
         winds, 1 the default strength.
     blocking_height_m: H0 (m) in the uphill flux factor exp(-terrain_blocking * dz / H0).
-    wind_deflection: fraction (0..1) of the upslope wind turned along the contours on steep slopes
-        when terrain_blocking = 1 (saturating in slope, scaled by the knob).
+    terrain_circulation: m^2/s of streamfunction per metre of smoothed elevation at
+        terrain_blocking = 1 (times the knob; positive = anticyclonic in winter, cyclonic in
+        summer). 150 gives ~3 m/s along the plateau's flanks.
     physics_step_hours: meteorology and chemistry step (h); transport sub-steps inside it.
     spinup_days: days simulated before ``start`` (not output) so tracers start in equilibrium.
     diffusivity_m2_s: horizontal eddy diffusivity (m^2/s).
@@ -142,7 +146,7 @@ class AtmosphereParams:
     seed: int = 0
     terrain_blocking: float = 1.0
     blocking_height_m: float = 1000.0
-    wind_deflection: float = 0.7
+    terrain_circulation: float = 150.0
     physics_step_hours: int = 3
     spinup_days: int = 14
     diffusivity_m2_s: float = 2.0e4
@@ -159,10 +163,10 @@ class AtmosphereParams:
             raise ValueError(
                 f"AtmosphereParams: end={self.end!r} is not after start={self.start!r}"
             )
-        if self.terrain_blocking < 0 or not 0 <= self.wind_deflection <= 1:
+        if self.terrain_blocking < 0 or self.terrain_circulation < 0:
             raise ValueError(
-                f"AtmosphereParams: terrain_blocking={self.terrain_blocking} must be >= 0 and "
-                f"wind_deflection={self.wind_deflection} in [0, 1]"
+                f"AtmosphereParams: terrain_blocking={self.terrain_blocking} and "
+                f"terrain_circulation={self.terrain_circulation} must be >= 0"
             )
         if not 0 < self.cfl < 1:
             raise ValueError(f"AtmosphereParams: cfl={self.cfl} must be in (0, 1)")
@@ -452,23 +456,18 @@ class _Weather:
         self.wave_phase = rng.uniform(0.0, 2.0 * np.pi, size=self.n_waves)
 
     def _init_surface_effects(self, terrain: Terrain, res: float) -> None:
-        g = self.geometry
         # Land-sea breeze direction: up the gradient of a smoothed land fraction (towards land).
         smooth_land = _box_blur(self.land, 2)
         gy, gx = np.gradient(smooth_land)
         norm = max(float(np.hypot(gx, gy).max()), 1e-12)
         self.breeze_x, self.breeze_y = gx / norm, gy / norm
-        # Terrain slope (m/m) and the saturating strength of the contour-following deflection.
-        zy, zx = np.gradient(self.elevation)
-        slope_x, slope_y = zx / g.dx_centre[:, None], zy / g.dy
-        slope = np.hypot(slope_x, slope_y)
-        self.slope_nx = np.where(slope > 0, slope_x / np.maximum(slope, 1e-12), 0.0)
-        self.slope_ny = np.where(slope > 0, slope_y / np.maximum(slope, 1e-12), 0.0)
-        rise_over_100km = slope * 1.0e5
+        # Terrain circulation streamfunction on corners: elevation smoothed over ~2 degrees so
+        # the flow follows the large-scale contours rather than single-cell bumps.
+        smooth_z = np.pad(_box_blur(self.elevation, max(1, int(round(1.0 / res)))), 1, mode="edge")
+        z_corner = 0.25 * (smooth_z[:-1, :-1] + smooth_z[1:, :-1] + smooth_z[:-1, 1:]
+                           + smooth_z[1:, 1:])
         p = self.params
-        self.deflection = p.wind_deflection * (
-            1.0 - np.exp(-p.terrain_blocking * rise_over_100km / p.blocking_height_m)
-        )
+        self.topo_psi = p.terrain_blocking * p.terrain_circulation * z_corner  # (H+1, W+1)
         # Moisture supply: high near the sea and in the south, low deep inland.
         maritime = 1.0 - _box_blur(self.land, max(1, int(round(6.0 / res))))
         self.q_base = 0.05 * (0.35 + 0.65 * np.sqrt(maritime)) * np.exp(-(self.lat - 15.0) / 40.0)
@@ -516,6 +515,8 @@ class _Weather:
         psi = perturbation - jet_speed * R_EARTH * np.deg2rad(width) * np.tanh(
             (self.lat_corner - jet_lat) / width
         )
+        # Plateau circulation: anticyclonic (cold high) in winter, cyclonic (thermal low) in summer.
+        psi = psi + winter * self.topo_psi
         # Monsoon: northerly over eastern China in winter, southerly in summer.
         monsoon = 0.5 - 2.0 * winter
         scale = 4.0
@@ -537,12 +538,6 @@ class _Weather:
         v_syn = 0.5 * (north[:-1] / g.dx_face[:-1, None] + north[1:] / g.dx_face[1:, None])
         breeze = 2.5 * (sun - 0.2)
         du, dv = breeze * self.breeze_x, breeze * self.breeze_y
-        # Turn the upslope part of the wind along the contours (speed kept), side chosen by the
-        # wind's own along-contour component: air flows around mountains rather than over them.
-        upslope = np.maximum(u_syn * self.slope_nx + v_syn * self.slope_ny, 0.0) * self.deflection
-        side = np.where(v_syn * self.slope_nx - u_syn * self.slope_ny >= 0.0, 1.0, -1.0)
-        du += upslope * (-self.slope_nx - side * self.slope_ny)
-        dv += upslope * (-self.slope_ny + side * self.slope_nx)
         east = east + g.dy * np.concatenate([du[:, :1], 0.5 * (du[:, 1:] + du[:, :-1]), du[:, -1:]],
                                             axis=1)
         dv_face = np.concatenate([dv[:1], 0.5 * (dv[1:] + dv[:-1]), dv[-1:]], axis=0)
