@@ -423,6 +423,9 @@ def wilcoxon_signed_rank(
         else:
             method = "asymptotic"
     if method == "exact":
+        if n > 400:
+            # The counting costs n * n^2 steps; the normal approximation is exact enough here.
+            raise ValueError(f"method='exact' supports up to 400 differences, got {n}")
         nonzero = ranks[work != 0]
         pvalue = _exact_signed_rank_pvalue(nonzero, r_plus, offset)
         return WilcoxonResult(r_plus, r_minus, n, pvalue, "exact")
