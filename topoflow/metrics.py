@@ -374,7 +374,7 @@ class ForecastMetrics:
         """Accumulate one batch; `fields` (normalized inputs at init time) enables persistence."""
         self._check_shapes(forecast, labels, region_mask, sample_ids)
         forecast, labels = forecast.detach().double().cpu(), labels.detach().double().cpu()
-        sample_ids = sample_ids.detach().cpu().long()
+        sample_ids = sample_ids.detach().cpu().long().clone()  # kept in the per-sample rows
         lead_index = self._lead_index(sample_ids)
         std = self.std[None, :, None, None]
         valid = region_mask.detach().cpu().bool()[:, None] & torch.isfinite(labels)  # (B, V, H, W)
