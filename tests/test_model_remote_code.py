@@ -21,7 +21,8 @@ from tests.fixtures_model import make_tiny_batch, make_tiny_config
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Runs in the subprocess: removes every route to this checkout (sys.path entries, editable-install
-# finders), proves the modules are gone, then loads through the Auto classes with remote code.
+# finders), proves the modules are gone and blocks their names, then loads through the Auto classes
+# with remote code.
 CHILD = textwrap.dedent(
     """
     import importlib.util, json, os, sys
@@ -37,9 +38,14 @@ CHILD = textwrap.dedent(
             return True
 
     sys.path[:] = [entry for entry in sys.path if outside_repo(entry)]
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__name__.lower()]
+    def not_editable(finder):  # setuptools registers its editable finder as a class
+        name = getattr(finder, "__name__", type(finder).__name__)
+        return "editable" not in name.lower()
+
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not_editable(finder)]
     for name in ("topoflow", "modeling_topoflow", "configuration_topoflow"):
         assert importlib.util.find_spec(name) is None, f"{name} is still importable"
+        sys.modules[name] = None  # and a regular (non-editable) install cannot import them either
 
     import torch
     from safetensors.torch import load_file, save_file
