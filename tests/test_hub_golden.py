@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures_hub import tiny_forecaster
-from topoflow.safety import read_manifest, save_model_folder
+from topoflow.safety import read_manifest, save_model_folder, write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = REPO_ROOT / "tests" / "data" / "topoflow_base_golden.safetensors"
@@ -100,6 +100,7 @@ def test_golden_recording_round_trips_and_catches_a_changed_weight(tmp_path: Pat
     key = next(k for k in weights if k.endswith("head.2.weight"))
     weights[key] += 1e-2
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    write_manifest(folder)  # a deliberate change: the manifest is rewritten with it
     changed = type(model).from_pretrained(folder)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(

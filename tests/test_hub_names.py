@@ -11,12 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tests.fixtures_hub import tiny_forecaster
 from topoflow import TopoFlowForForecasting, hub
 from topoflow.hub import UnknownModelNameError, known_model_names, resolve_model_name
-from topoflow.safety import ManifestError, save_model_folder, write_manifest
+from topoflow.safety import (
+    ManifestError,
+    NonFiniteWeightsError,
+    PickleFileError,
+    save_model_folder,
+    write_manifest,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,3 +178,31 @@ def test_org_name_goes_to_the_hub_and_fails_with_the_hub_offline_error(tmp_path:
     assert lines["acme/topoflow-variant"].split() == ["OSError", "LocalEntryNotFoundError"]
     # ... while a bare unknown name in the same process is ours, so the resolver was active.
     assert lines["topoflow-nonexistent"] == "UnknownModelNameError"
+
+
+def test_from_pretrained_checks_a_local_folder_manifest_weights_and_pickles(
+    tmp_path: Path,
+) -> None:
+    model = tiny_forecaster(seed=1)
+    with_manifest = save_model_folder(model, tmp_path / "with_manifest")
+    weights = with_manifest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x04
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="model.safetensors: sha256 differs"):
+        TopoFlowForForecasting.from_pretrained(with_manifest)
+
+    plain = tmp_path / "plain"  # plain save_pretrained: no manifest, still checked for NaN
+    model.save_pretrained(plain)
+    state = load_file(plain / "model.safetensors")
+    key = next(k for k in state if k.endswith("attn.elevation_alpha"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, plain / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NonFiniteWeightsError, match=key.replace(".", r"\.")):
+        TopoFlowForForecasting.from_pretrained(plain)
+
+    pickled = tmp_path / "pickled"
+    model.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(PickleFileError, match="pytorch_model.bin"):
+        TopoFlowForForecasting.from_pretrained(pickled)

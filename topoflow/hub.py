@@ -4,8 +4,8 @@
 `TopoFlowPreTrainedModel.register_name_resolver` before anything else; `register_hub_resolver()`
 (called once by `import topoflow`) registers `resolve_model_name` there. The rules, in order:
 
-1. an existing local path is the user's own folder: it wins over any short name (it is checked
-   with `topoflow.safety.verify_model_folder` when it carries a SHA256SUMS manifest);
+1. an existing local path is the user's own folder: it wins over any short name; pickle files
+   and NaN/Inf weights in it are refused, and its SHA256SUMS manifest, if any, is checked;
 2. a known short name (`topoflow-base`, or any folder shipped under `topoflow/pretrained/`)
    resolves to the packaged folder, whose manifest and weights are verified, so it loads offline;
 3. `org/name` (with any `revision=`) is left to transformers, which downloads from the Hub or
@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from topoflow.safety import MANIFEST_FILENAME, verify_model_folder
+from topoflow.safety import refuse_pickle_files, verify_model_folder
 
 __all__ = [
     "PACKAGED_MODELS_DIR",
@@ -40,8 +40,9 @@ PACKAGED_MODELS_DIR = Path(__file__).resolve().parent / "pretrained"
 KNOWN_MODELS: dict[str, str] = {
     "topoflow-base": (
         "baseline without elevation bias, trained from scratch on the embedded default corpus; "
-        "regenerate with `accelerate launch train_accelerate.py --from-scratch --output-dir RUN` "
-        "then `python -m topoflow.export RUN --out topoflow/pretrained/topoflow-base --dry-run`"
+        "regenerate with `accelerate launch train_accelerate.py --from-scratch --config CONFIG "
+        "--output-dir RUN`, then `python -m topoflow.export RUN --out "
+        "topoflow/pretrained/topoflow-base --repo-id ORG/topoflow-base --evaluate --dry-run`"
     ),
 }
 
@@ -83,8 +84,7 @@ def resolve_model_name(name: object) -> str | None:
         return None
     text = os.fspath(name)
     if os.path.exists(text):
-        if os.path.isdir(text) and os.path.isfile(os.path.join(text, MANIFEST_FILENAME)):
-            verify_model_folder(text, require_manifest=True)
+        _check_local_folder(text)
         return None
     if text in known_model_names():
         return str(packaged_model_folder(text))
@@ -95,6 +95,16 @@ def resolve_model_name(name: object) -> str | None:
             f"model folder {text} does not exist (and it is not a Hub id of the form org/name)"
         )
     raise UnknownModelNameError(_unknown_name_message(text))
+
+
+def _check_local_folder(path: str) -> None:
+    """Refuse pickle files and NaN/Inf weights in a user's folder, and check its SHA256SUMS when
+    it has one (folders saved by plain `save_pretrained` have none and still load)."""
+    if not os.path.isdir(path):
+        return
+    refuse_pickle_files(path)
+    if any(name.endswith(".safetensors") for name in os.listdir(path)):
+        verify_model_folder(path, require_manifest=False)
 
 
 def resolve_pretrained_path(name: str | os.PathLike) -> str:
