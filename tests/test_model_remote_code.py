@@ -44,8 +44,10 @@ CHILD = textwrap.dedent(
 
     sys.meta_path[:] = [finder for finder in sys.meta_path if not_editable(finder)]
     for name in ("topoflow", "modeling_topoflow", "configuration_topoflow"):
-        assert importlib.util.find_spec(name) is None, f"{name} is still importable"
-        sys.modules[name] = None  # and a regular (non-editable) install cannot import them either
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+        assert origin is None or repo not in origin.parents, f"{name} still imports from {repo}"
+        sys.modules[name] = None  # and a regular (non-editable) install cannot serve it either
 
     import torch
     from safetensors.torch import load_file, save_file
