@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # Reading CAQRA-style yearly Zarr / NetCDF reanalysis files.
-    "caqra": ["zarr>=3", "h5netcdf>=1.3", "xarray>=2024.1"],
+    "caqra": ["zarr>=3", "h5netcdf>=1.3", "h5py>=3.10", "xarray>=2024.1"],
     # A local Hub-compatible server for the round-trip test.
     "hubserver": ["olah>=0.5"],
 }
