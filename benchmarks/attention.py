@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import os
 import statistics
 import sys
 import time
@@ -125,10 +126,11 @@ def report_exactness(length: int, heads: int, head_dim: int) -> None:
         print(f"  {name:7s} sorted {mine:.2e}  sdpa-math {theirs:.2e}  ratio {mine / theirs:.2f}")
 
 
-def timed(step: Callable[[], None]) -> float:
-    start = time.perf_counter()
+def timed(step: Callable[[], None]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all this process's threads) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     step()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def make_steps(length: int, heads: int, head_dim: int) -> dict[str, Callable[[], None]]:
@@ -168,24 +170,29 @@ def make_steps(length: int, heads: int, head_dim: int) -> dict[str, Callable[[],
 
 
 def report_speed(lengths: list[int], heads: int, head_dim: int, repeats: int) -> None:
+    load = os.getloadavg()[0]
     print(f"\n== time, fp32, B=1, h={heads}, d={head_dim}, {torch.get_num_threads()} threads, "
-          f"{repeats} interleaved repeats (median s) ==")  # fmt: skip
+          f"{repeats} interleaved repeats, medians; load average {load:.1f} ==")  # fmt: skip
+    print("  wall: elapsed seconds; cpu: CPU seconds of this process, less sensitive to other "
+          "processes sharing the cores (run with OMP_WAIT_POLICY=PASSIVE on a busy machine)")
     for length in lengths:
         steps = make_steps(length, heads, head_dim)
         for step in steps.values():
             step()  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in steps}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
         names = list(steps)
         for repeat in range(repeats):
             # Alternate the order so a slow drift of the machine hits both sides equally.
             for name in names if repeat % 2 == 0 else reversed(names):
                 times[name].append(timed(steps[name]))
-        median = {name: statistics.median(values) for name, values in times.items()}
-        forward = median["biased fwd"] / median["plain fwd"]
-        training = median["biased fwd+bwd"] / median["plain fwd+bwd"]
-        print(f"  N={length:5d}  fwd {median['plain fwd']:.3f} -> {median['biased fwd']:.3f} s "
-              f"ratio {forward:.3f}   fwd+bwd {median['plain fwd+bwd']:.3f} -> "
-              f"{median['biased fwd+bwd']:.3f} s ratio {training:.3f}")  # fmt: skip
+        for clock, column in (("wall", 0), ("cpu", 1)):
+            median = {name: statistics.median(t[column] for t in times[name]) for name in names}
+            forward = median["biased fwd"] / median["plain fwd"]
+            training = median["biased fwd+bwd"] / median["plain fwd+bwd"]
+            print(f"  N={length:5d} {clock:4s} fwd {median['plain fwd']:7.3f} -> "
+                  f"{median['biased fwd']:7.3f} s ratio {forward:.3f}   fwd+bwd "
+                  f"{median['plain fwd+bwd']:7.3f} -> {median['biased fwd+bwd']:7.3f} s "
+                  f"ratio {training:.3f}")  # fmt: skip
     print("  targets: fwd+bwd <= 1.3 at N=4096 and 8192; fwd <= 1.15 at N=8192")
 
 
