@@ -52,6 +52,7 @@ def _run(args: list[str], *, env: dict[str, str] | None = None, expect: int = 0,
 
 
 def _launch(num_processes: int, *more: str) -> list[str]:
+    """`accelerate launch` with explicit flags (the loopback two-machine test)."""
     # accelerate 1.15's `--cpu` starts a single process unless MPI is set up; `--multi_gpu` starts
     # torchrun workers, and the script picks CPU + gloo when there is no CUDA.
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
@@ -194,8 +195,10 @@ def test_nonfinite_losses_in_a_row_abort_without_saving(synthetic_corpus, tiny_c
 def test_two_cpu_processes_read_distinct_shards(reference_run, synthetic_corpus, tiny_config,
                                                 tmp_path):
     out = tmp_path / "ddp"
-    _run(_args(synthetic_corpus, tiny_config, out, "--debug-log-sample-ids"),
-         launcher=_launch(2))
+    # Through the shipped example config, so the config is tested too.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml")]
+    _run(_args(synthetic_corpus, tiny_config, out, "--debug-log-sample-ids"), launcher=launcher)
     report = json.loads((out / "report.json").read_text())
     assert report["run"]["world_size"] == 2
     # Every validation sample counted exactly once: the same count as one process.
@@ -224,6 +227,15 @@ def _shard_of_init_hour(corpus: Path):
         return next(name for start, end, name in shards if start <= hour < end)
 
     return which
+
+
+def test_example_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {path.stem: load_config_from_file(str(path)).distributed_type
+             for path in (REPO / "configs" / "accelerate").glob("*.yaml")}
+    assert kinds == {"cpu_2proc": "MULTI_GPU", "single_gpu": "NO", "multi_gpu_ddp": "MULTI_GPU",
+                     "fsdp": "FSDP"}
 
 
 def test_two_machines_on_loopback(synthetic_corpus, tiny_config, tmp_path):
