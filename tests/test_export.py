@@ -286,3 +286,29 @@ def test_export_scores_a_run_without_scores_on_its_corpus(
         (v, h) for v in config.target_variables for h in config.lead_times_hours
     }
     assert "scored at export" in (folder / "README.md").read_text()
+
+
+def test_card_dataset_fields_follow_the_corpus_provenance() -> None:
+    from topoflow.export import _dataset_fields
+
+    generated = {
+        "corpus": {
+            "name": "topoflow-default",
+            "provenance": {"source": "embedded generator (topoflow.corpus.atmosphere)"},
+        }
+    }
+    converted = {
+        "corpus": {
+            "name": "caqra-0.25",
+            "provenance": {"source": "CAQRA converter (topoflow.corpus.caqra)"},
+        }
+    }
+    assert _dataset_fields(generated, None, None, None)["synthetic"] is True
+    real = _dataset_fields(converted, None, None, None)
+    assert real["synthetic"] is False and real["dataset_id"] == "caqra-0.25"
+    assert "CAQRA converter" in real["dataset_name"]
+    assert _dataset_fields({}, "acme/data", None, None) == {
+        "dataset_id": "acme/data",
+        "dataset_name": "TopoFlow corpus topoflow-embedded-default (synthetic, embedded generator)",
+        "synthetic": True,
+    }

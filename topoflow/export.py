@@ -212,6 +212,28 @@ def score_model(
     return json.loads(json.dumps(metrics.compute()))
 
 
+def _dataset_fields(
+    config: Mapping[str, Any],
+    dataset_id: str | None,
+    dataset_name: str | None,
+    synthetic: bool | None,
+) -> dict[str, Any]:
+    """Card dataset fields; unset ones come from the corpus description in config.json. A corpus
+    counts as synthetic when its provenance names the embedded generator (the rule of the
+    dataset card, topoflow/corpus/card.py), or when config.json does not say."""
+    corpus = config.get("corpus") or {}
+    source = str((corpus.get("provenance") or {}).get("source", "embedded generator"))
+    if synthetic is None:
+        synthetic = "embedded generator" in source
+    name = corpus.get("name") or "topoflow-embedded-default"
+    kind = "synthetic, embedded generator" if synthetic else source
+    return {
+        "dataset_id": dataset_id or name,
+        "dataset_name": dataset_name or f"TopoFlow corpus {name} ({kind})",
+        "synthetic": synthetic,
+    }
+
+
 def _read_run_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RUN_INFO
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -250,9 +272,9 @@ def export_run(
     revision: str = "main",
     model_dir: str | os.PathLike | None = None,
     base_model: str | None = None,
-    dataset_id: str = "topoflow-embedded-default",
-    dataset_name: str = "TopoFlow embedded default corpus (synthetic)",
-    synthetic: bool = True,
+    dataset_id: str | None = None,
+    dataset_name: str | None = None,
+    synthetic: bool | None = None,
     reproduce_command: str | None = None,
     overwrite: bool = False,
     evaluate_corpus: str | os.PathLike | None = None,
@@ -293,9 +315,7 @@ def export_run(
             repo_id=repo_id,
             revision=revision,
             base_model=base_model,
-            dataset_id=dataset_id,
-            dataset_name=dataset_name,
-            synthetic=synthetic,
+            **_dataset_fields(config, dataset_id, dataset_name, synthetic),
             val_loss_rows=val_loss_rows,
             recipe={key: run_args[key] for key in RECIPE_KEYS if key in run_args},
             plot_filename=plot.name if plot is not None else None,
@@ -355,9 +375,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--model-dir", help="model folder inside the run, if not found alone")
     parser.add_argument("--base-model", help="model this one was fine-tuned from (card metadata)")
-    parser.add_argument("--dataset-id", default="topoflow-embedded-default")
-    parser.add_argument("--dataset-name", default="TopoFlow embedded default corpus (synthetic)")
-    parser.add_argument("--real-data", action="store_true", help="trained on real reanalysis")
+    parser.add_argument("--dataset-id", help="dataset id for the card (default: corpus name)")
+    parser.add_argument("--dataset-name", help="dataset display name for the card")
+    parser.add_argument(
+        "--real-data",
+        action="store_true",
+        help="trained on real reanalysis (default: inferred from the corpus provenance)",
+    )
     parser.add_argument("--regenerate-command", help="command that reproduces the run (card)")
     parser.add_argument(
         "--evaluate",
@@ -390,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_model=args.base_model,
         dataset_id=args.dataset_id,
         dataset_name=args.dataset_name,
-        synthetic=not args.real_data,
+        synthetic=False if args.real_data else None,
         reproduce_command=args.regenerate_command,
         overwrite=args.overwrite,
         evaluate_corpus=corpus,
