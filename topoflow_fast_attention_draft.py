@@ -28,6 +28,11 @@ require grad).
 Outside the exact range of the decomposition, or with attention dropout, a chunked path over
 query blocks applies the clamp and the dropout exactly with O(N * block) memory.
 
+Kernels: on CPU torch's flash kernel (`_scaled_dot_product_flash_attention_for_cpu` and its
+backward, which accept a broadcast per-key mask and any out/log-sum-exp); on CUDA the
+memory-efficient kernel (`_efficient_attention_forward/backward`), written but never run (no GPU
+on the development machine). Other devices take the chunked path.
+
 Only torch is imported: the coordinator folds this file into modeling_topoflow.py.
 """
 
@@ -190,12 +195,14 @@ def sorted_elevation_attention(
     """Elevation-biased attention, exact, O(N) memory; (B, heads, N, head_dim) in and out.
 
     elevation_m: (B, N) metres per token; alpha, h_scale: 0-dim tensors (or floats). Uses the
-    sorted-token fused kernels when the clamp is inactive and dropout_p == 0, else the chunked
-    exact path (see the module docstring).
+    sorted-token fused kernels when the clamp is inactive and dropout_p == 0 on CPU or CUDA (the
+    CUDA branch is untested: no GPU was available), else the chunked exact path.
     """
     _check_shapes(query, key, value, elevation_m)
-    if dropout_p > 0 or not clamp_is_inactive(
-        elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max
+    if (
+        dropout_p > 0
+        or query.device.type not in _FUSED_DEVICES
+        or not clamp_is_inactive(elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max)
     ):
         return chunked_elevation_attention(
             query, key, value, elevation_m=elevation_m, alpha=alpha, h_scale=h_scale,
@@ -280,6 +287,12 @@ def _row_dot(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype) -> t
     return (first.to(dtype) * second.to(dtype)).sum(dim=-1)
 
 
+_FUSED_DEVICES = ("cpu", "cuda")
+# The CUDA memory-efficient kernel pads its log-sum-exp rows to a multiple of this.
+_CUDA_LSE_ALIGNMENT = 32
+_CAUSAL_FROM_TOP_LEFT = 1  # custom_mask_type of the CUDA memory-efficient kernel
+
+
 def _fused_forward(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -288,15 +301,24 @@ def _fused_forward(
     key_bias: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal fused attention (key j <= query i): (out (B, h, N, d), log-sum-exp (B, h, N))."""
+    """Causal fused attention (key j <= query i) plus a per-key logit bias (B, 1, 1, N).
+
+    Returns (out (B, h, L, d), log-sum-exp (B, h, L)). CPU: the flash kernel. CUDA: the
+    memory-efficient kernel, which takes a bias and returns the log-sum-exp; written against
+    torch 2.13's op schema but never run here (no GPU on the development machine).
+    """
     if query.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, True, attn_mask=key_bias, scale=scale
         )
-    raise NotImplementedError(
-        f"sorted_elevation_attention has no fused kernel for device {query.device}; "
-        "use chunked_elevation_attention."
-    )
+    batch, heads, length, _ = query.shape
+    bias = None if key_bias is None else key_bias.expand(batch, heads, length, key.shape[2])
+    # The CUDA op takes (B, L, h, d): our tensors are stored that way, so these are views.
+    out, lse, *_ = torch.ops.aten._efficient_attention_forward(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), bias, None, None,
+        None, None, 0.0, _CAUSAL_FROM_TOP_LEFT, True, scale=scale,
+    )  # fmt: skip
+    return out.transpose(1, 2), lse[..., :length]
 
 
 def _fused_backward(
@@ -316,9 +338,18 @@ def _fused_backward(
             grad_out, query, key, value, out, logsumexp, 0.0, True, attn_mask=key_bias,
             scale=scale,
         )  # fmt: skip
-    raise NotImplementedError(
-        f"sorted_elevation_attention has no fused kernel for device {query.device}."
-    )
+    batch, heads, length, _ = query.shape
+    padded = -(-length // _CUDA_LSE_ALIGNMENT) * _CUDA_LSE_ALIGNMENT
+    lse = logsumexp.new_zeros(batch, heads, padded)
+    lse[..., :length] = logsumexp
+    bias = None if key_bias is None else key_bias.expand(batch, heads, length, key.shape[2])
+    unused_rng = torch.zeros((), dtype=torch.int64, device=query.device)  # dropout is 0
+    grad_q, grad_k, grad_v, _ = torch.ops.aten._efficient_attention_backward(
+        grad_out.transpose(1, 2), query.transpose(1, 2), key.transpose(1, 2),
+        value.transpose(1, 2), bias, out.transpose(1, 2), None, None, length, key.shape[2], lse,
+        0.0, unused_rng, unused_rng, _CAUSAL_FROM_TOP_LEFT, False, scale=scale,
+    )  # fmt: skip
+    return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2)
 
 
 class _SortedElevationAttention(torch.autograd.Function):
