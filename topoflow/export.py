@@ -25,6 +25,7 @@ from typing import Any
 from huggingface_hub import CommitInfo, HfApi
 from safetensors import safe_open
 
+from topoflow.hub import PACKAGED_MODELS_DIR
 from topoflow.model_card import (
     find_metrics_block,
     load_report,
@@ -321,6 +322,8 @@ def export_run(
             plot_filename=plot.name if plot is not None else None,
             num_parameters=count_weight_elements(staging),
             regenerate_command=reproduce_command,
+            # A folder written into the package's pretrained/ resolves by its short name.
+            short_name=out_dir.name if out_dir.resolve().parent == PACKAGED_MODELS_DIR else None,
         )
         card.save(staging / "README.md")
         write_manifest(staging)

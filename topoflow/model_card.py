@@ -302,6 +302,7 @@ def render_model_card(
     plot_filename: str | None = None,
     num_parameters: int | None = None,
     regenerate_command: str | None = None,
+    short_name: str | None = None,
     template_path: str | Path = TEMPLATE_PATH,
 ) -> ModelCard:
     """Render a ModelCard from a run's config.json and report.json contents."""
@@ -365,6 +366,7 @@ def render_model_card(
         plot_filename=plot_filename,
         split=split,
         metrics_source=report.get("metrics_source"),
+        short_name=short_name,
         score_rows=_score_rows(block) if block is not None else [],
     )
 
