@@ -312,3 +312,22 @@ def test_card_dataset_fields_follow_the_corpus_provenance() -> None:
         "dataset_name": "TopoFlow corpus topoflow-embedded-default (synthetic, embedded generator)",
         "synthetic": True,
     }
+
+
+def test_export_into_the_package_loads_by_short_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from topoflow import TopoFlowForForecasting, export, hub
+
+    model, batch, _ = make_tiny_run(tmp_path / "run", seed=6)
+    packaged = tmp_path / "pretrained"
+    monkeypatch.setattr(export, "PACKAGED_MODELS_DIR", packaged)
+    monkeypatch.setattr(hub, "PACKAGED_MODELS_DIR", packaged)
+    monkeypatch.chdir(tmp_path)
+    folder = export_run(tmp_path / "run", packaged / "topoflow-base", repo_id="acme/topoflow-base")
+    assert 'from_pretrained("topoflow-base")' in (folder / "README.md").read_text()
+    loaded = TopoFlowForForecasting.from_pretrained("topoflow-base")
+    with torch.no_grad():
+        expected = model(batch["fields"], batch["lead_time_hours"]).forecast
+        got = loaded.eval()(batch["fields"], batch["lead_time_hours"]).forecast
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
