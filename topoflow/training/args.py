@@ -102,7 +102,7 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("evaluation, checkpoints and reports")
-    group.add_argument("--eval-every", type=int, default=25, help="validate every N steps")
+    group.add_argument("--eval-every", type=int, default=100, help="validate every N steps")
     group.add_argument("--eval-batches", type=int, default=8,
                        help="batches per process for the periodic validation: the first N batches "
                             "of the unshuffled validation stream, the same subset every time; 0 = "
