@@ -28,6 +28,7 @@ EXTRAS_REQUIRE["tests"] = [
     "scipy>=1.11",  # reference implementation the statistics are checked against
     "ruff>=0.6",
     *EXTRAS_REQUIRE["caqra"],
+    *EXTRAS_REQUIRE["hubserver"],
 ]
 EXTRAS_REQUIRE["dev"] = EXTRAS_REQUIRE["tests"]
 
