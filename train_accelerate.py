@@ -393,7 +393,10 @@ def train(args: Any) -> dict[str, Any] | None:
                       f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} in "
                       f"{len(trainable)} tensors")
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.x renamed gradient_checkpointing_enable (deprecated, removed in v6).
+        enable = (getattr(model, "activation_checkpointing_enable", None)
+                  or model.gradient_checkpointing_enable)
+        enable()
     samples = min_samples_per_rank(meta, args.train_split, config.lead_times_hours,
                                    accelerator.num_processes)
     steps_per_epoch = max(1, samples // (args.batch_size * args.gradient_accumulation_steps))

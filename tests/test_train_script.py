@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import socket
 import subprocess
@@ -164,7 +165,8 @@ def test_finetune_with_bias_on_block_0(reference_run, synthetic_corpus, tmp_path
     _run(["--model", str(reference_run / "model"), "--corpus", str(synthetic_corpus),
           "--output-dir", str(out), "--max-steps", "8", "--eval-every", "4", "--batch-size", "4",
           "--eval-batches", "1", "--learning-rate", "3e-3", "--no-progress-bar",
-          "--report-to", "none"], env=_env(TOPOFLOW_TEST_NAN_AT_STEPS="3"))
+          "--report-to", "none", "--gradient-checkpointing"],
+         env=_env(TOPOFLOW_TEST_NAN_AT_STEPS="3"))
     report = json.loads((out / "report.json").read_text())
     loading = report["loading_report"]
     assert sorted(loading["missing_expected"]) == ["topoflow.blocks.0.attn.H_scale",
@@ -244,10 +246,13 @@ def test_two_machines_on_loopback(synthetic_corpus, tiny_config, tmp_path):
     for rank in (0, 1):
         launcher = _launch(2, "--num_machines", "2", "--machine_rank", str(rank),
                            "--main_process_ip", "127.0.0.1", "--main_process_port", port)
+        # bf16 autocast here too, so the mixed-precision flag runs under DDP in the suite.
+        args = _args(synthetic_corpus, tiny_config, out, "--mixed-precision", "bf16")
         procs.append(subprocess.Popen(
-            [*launcher, SCRIPT, *_args(synthetic_corpus, tiny_config, out)], cwd=REPO,
+            [*launcher, SCRIPT, *args], cwd=REPO,
             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["run"]["world_size"] == 2 and report["run"]["steps"] == STEPS
+    assert math.isfinite(report["verdict"]["final_val_loss"])
