@@ -376,6 +376,7 @@ class _SortedElevationAttention(torch.autograd.Function):
         )
         lse_b = lse_b + u_down[:, None, :].to(lse_b.dtype)  # the +u_i of every part-B logit
         result = _new_like_tokens(query)
+        q_up = k_up = v_up = None
         if length == 1:
             lse = lse_b
         else:
@@ -393,13 +394,18 @@ class _SortedElevationAttention(torch.autograd.Function):
         if length > 1:
             out_a.mul_(torch.exp(lse_a - lse.flip(-1)[..., 1:]).to(out_a.dtype)[..., None])
             _put_tokens(result, out_a, order_up[:, 1:], accumulate=True)
-        ctx.save_for_backward(q_x, k_x, v_x, u_down, order, result, lse, out_b, weight_b)
+        # The ascending copies are kept (3 x (B, h, N, d)) rather than rebuilt in the backward.
+        ctx.save_for_backward(
+            q_x, k_x, v_x, q_up, k_up, v_up, u_down, order, result, lse, out_b, weight_b
+        )
         ctx.scale = scale
         return result
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: ANN001, ANN205
-        q_x, k_x, v_x, u_down, order, result, lse, out_b, weight_b = ctx.saved_tensors
+        q_x, k_x, v_x, q_up, k_up, v_up, u_down, order, result, lse, out_b, weight_b = (
+            ctx.saved_tensors
+        )
         scale, length, dim, width = ctx.scale, *result.shape[2:], q_x.shape[3]
         g_x = _take_tokens(grad_output, order, padded_width=width)
         o_x = _take_tokens(result, order, padded_width=width)
@@ -420,7 +426,7 @@ class _SortedElevationAttention(torch.autograd.Function):
             _put_tokens(grad, part_b[..., :dim], order, accumulate=False)
         if length > 1:
             order_up = order.flip(-1)
-            q_up, k_up, v_up, g_up, o_up = (t[..., :dim].flip(2) for t in (q_x, k_x, v_x, g_x, o_x))
+            g_up, o_up = (t[..., :dim].flip(2) for t in (g_x, o_x))
             dq_a, dk_a, dv_a = _fused_backward(
                 g_up[:, :, 1:], q_up[:, :, 1:], k_up[:, :, :-1], v_up[:, :, :-1], o_up[:, :, 1:],
                 lse.flip(-1)[..., 1:], key_bias=None, scale=scale,
