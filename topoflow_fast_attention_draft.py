@@ -42,6 +42,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
@@ -212,7 +213,9 @@ def sorted_elevation_attention(
     heights = elevation_m.to(bias_dtype)
     # Measuring u from each sample's lowest token keeps u in [0, clamp_max]; only differences of u
     # enter the logits, so the offset changes nothing but the rounding.
-    token_bias = alpha.to(bias_dtype) * (heights - heights.amin(dim=-1, keepdim=True)) / h_scale
+    alpha = torch.as_tensor(alpha, device=query.device).to(bias_dtype)
+    relative = heights - heights.amin(dim=-1, keepdim=True)
+    token_bias = alpha * relative / torch.as_tensor(h_scale, device=query.device)
     with torch.no_grad():
         order = torch.argsort(heights, dim=-1, descending=True, stable=True)  # (B, N)
     return _SortedElevationAttention.apply(query, key, value, token_bias, order)
@@ -312,7 +315,7 @@ def _fused_forward(
             query, key, value, 0.0, True, attn_mask=key_bias, scale=scale
         )
     batch, heads, length, _ = query.shape
-    bias = None if key_bias is None else key_bias.expand(batch, heads, length, key.shape[2])
+    bias = None if key_bias is None else key_bias.to(query.dtype).expand(-1, heads, length, -1)
     # The CUDA op takes (B, L, h, d): our tensors are stored that way, so these are views.
     out, lse, *_ = torch.ops.aten._efficient_attention_forward(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), bias, None, None,
@@ -342,7 +345,7 @@ def _fused_backward(
     padded = -(-length // _CUDA_LSE_ALIGNMENT) * _CUDA_LSE_ALIGNMENT
     lse = logsumexp.new_zeros(batch, heads, padded)
     lse[..., :length] = logsumexp
-    bias = None if key_bias is None else key_bias.expand(batch, heads, length, key.shape[2])
+    bias = None if key_bias is None else key_bias.to(query.dtype).expand(-1, heads, length, -1)
     unused_rng = torch.zeros((), dtype=torch.int64, device=query.device)  # dropout is 0
     grad_q, grad_k, grad_v, _ = torch.ops.aten._efficient_attention_backward(
         grad_out.transpose(1, 2), query.transpose(1, 2), key.transpose(1, 2),
@@ -370,7 +373,8 @@ class _SortedElevationAttention(torch.autograd.Function):
         k_x = _take_tokens(key, order, padded_width=width)
         v_x = _take_tokens(value, order, padded_width=width)
         u_down = token_bias.gather(1, order)  # (B, N)
-        key_bias = (-u_down).to(query.dtype)[:, None, None, :]  # (B, 1, 1, N)
+        # At least fp32: in bf16 a bias of up to clamp_max logits would lose ~0.03 to rounding.
+        key_bias = (-u_down)[:, None, None, :]  # (B, 1, 1, N)
         out_b, lse_b = _fused_forward(
             q_x[..., :dim], k_x[..., :dim], v_x[..., :dim], key_bias=key_bias, scale=scale
         )
@@ -402,6 +406,7 @@ class _SortedElevationAttention(torch.autograd.Function):
         return result
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):  # noqa: ANN001, ANN205
         q_x, k_x, v_x, q_up, k_up, v_up, u_down, order, result, lse, out_b, weight_b = (
             ctx.saved_tensors
@@ -409,7 +414,7 @@ class _SortedElevationAttention(torch.autograd.Function):
         scale, length, dim, width = ctx.scale, *result.shape[2:], q_x.shape[3]
         g_x = _take_tokens(grad_output, order, padded_width=width)
         o_x = _take_tokens(result, order, padded_width=width)
-        key_bias = (-u_down).to(q_x.dtype)[:, None, None, :]
+        key_bias = (-u_down)[:, None, None, :]
         # With the padding (query column d = 1, key padding 0) the logits are unchanged and
         # grad_key[..., d] = scale * sum_i dL/dlogit_ij: the column sums u_j's gradient needs.
         dq_x, dk_x, dv_x = _fused_backward(
