@@ -1,0 +1,150 @@
+"""The numbers of an experiment report, computed from evaluated runs (no figures, no Markdown).
+
+For each arm against the control:
+- the verdict on seed-averaged per-sample losses (each sample's loss averaged over the seeds of
+  an arm, then paired with the control's), with block-bootstrap interval and Wilcoxon p-values,
+  and the seed-to-seed spread of the mean test loss (paired by seed);
+- the gain per target variable x lead time with intervals, on seed-averaged per-variable MSEs;
+- the region tables from the per-cell error sums pooled over seeds;
+- the pooled scores (RMSE, MAE, bias, skill against persistence and climatology) of every arm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from topoflow.metrics import ForecastMetrics
+from topoflow.regions import gain_map, region_report
+from topoflow.stats import (
+    gains_by_variable_and_lead,
+    mean_over_seeds,
+    paired_samples,
+    seed_spread,
+    verdict,
+)
+
+from .arms import CONTROL
+from .evaluate import EvaluationResult
+
+__all__ = ["ArmComparison", "compare_arm", "pooled_scores", "pooled_state", "seed_mean_loss"]
+
+Evaluations = Mapping[str, Mapping[int, EvaluationResult]]
+
+
+def seed_mean_loss(result: EvaluationResult) -> float:
+    """Mean per-sample test loss (normalized MSE) of one run, samples without data left out."""
+    loss = result.per_sample.loss.numpy()
+    return float(np.nanmean(loss))
+
+
+def _check_same_samples(evals: Evaluations) -> None:
+    """Every run must have been scored on the same sample ids, or nothing pairs."""
+    reference_name, reference = None, None
+    for arm, by_seed in evals.items():
+        for seed, result in by_seed.items():
+            ids = np.sort(result.per_sample.sample_ids.numpy())
+            if reference is None:
+                reference_name, reference = f"{arm} seed {seed}", ids
+            elif not np.array_equal(ids, reference):
+                only = np.setdiff1d(ids, reference)[:5].tolist()
+                missing = np.setdiff1d(reference, ids)[:5].tolist()
+                raise ValueError(
+                    f"sample ids of {arm} seed {seed} differ from those of {reference_name} "
+                    f"(extra {only}, missing {missing}): runs were evaluated on other samples")
+
+
+def _seed_averaged_variable_mse(by_seed: Mapping[int, EvaluationResult]
+                                ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids sorted, (N, V) per-variable MSE averaged over seeds)."""
+    stacks, ids = [], None
+    for seed in sorted(by_seed):
+        rows = by_seed[seed].per_sample
+        order = np.argsort(rows.sample_ids.numpy())
+        ids = rows.sample_ids.numpy()[order]
+        stacks.append(rows.variable_mse().numpy()[order])
+    return ids, np.mean(stacks, axis=0)
+
+
+def pooled_state(by_seed: Mapping[int, EvaluationResult]) -> dict[str, torch.Tensor]:
+    """ForecastMetrics sums added over seeds (each seed scored the same samples)."""
+    seeds = sorted(by_seed)
+    state = {k: v.clone() for k, v in by_seed[seeds[0]].state.items()}
+    for seed in seeds[1:]:
+        for key, value in by_seed[seed].state.items():
+            state[key] += value
+    return state
+
+
+def pooled_scores(by_seed: Mapping[int, EvaluationResult], config: Any,
+                  units: Mapping[str, str]) -> dict:
+    """ForecastMetrics.compute() on the sums pooled over seeds."""
+    metrics = ForecastMetrics(
+        target_variables=config.target_variables, lead_times_hours=config.lead_times_hours,
+        normalization={"mean": config.variable_mean, "std": config.variable_std},
+        grid_shape=tuple(config.img_size), units=units)
+    metrics.load_state(pooled_state(by_seed))
+    return metrics.compute()
+
+
+class ArmComparison:
+    """Everything the report says about one arm against the control."""
+
+    def __init__(self, arm: str, verdict_: Any, gains: list[dict], regions: dict,
+                 gain_map_: np.ndarray, per_seed: dict[int, dict[str, float]]) -> None:
+        self.arm = arm
+        self.verdict = verdict_
+        self.gains = gains
+        self.regions = regions
+        self.gain_map = gain_map_
+        self.per_seed = per_seed
+
+    def to_dict(self) -> dict:
+        regions = {k: v for k, v in self.regions.items() if k != "markdown"}
+        return {"arm": self.arm, "verdict": self.verdict.to_dict(),
+                "gains_by_variable_and_lead": self.gains, "regions": regions,
+                "per_seed_test_loss": {str(s): v for s, v in self.per_seed.items()}}
+
+
+def compare_arm(evals: Evaluations, arm: str, *, variables: Sequence[str],
+                elevation_m: np.ndarray, region_codes: np.ndarray | None,
+                region_names: Mapping[int, str] | None, n_boot: int = 2000,
+                block_length: int | None = None) -> ArmComparison:
+    """The verdict, gains, region tables and gain map of `arm` against the control."""
+    if CONTROL not in evals:
+        raise ValueError(f"no '{CONTROL}' arm among the evaluated arms {sorted(evals)}")
+    if arm not in evals:
+        raise ValueError(f"unknown arm {arm!r}; evaluated arms are {sorted(evals)}")
+    _check_same_samples(evals)
+    control, treated = evals[CONTROL], evals[arm]
+    if sorted(control) != sorted(treated):
+        raise ValueError(f"arm {arm!r} has seeds {sorted(treated)}, the control "
+                         f"{sorted(control)}: seeds must pair up")
+    per_seed = {s: {"control": seed_mean_loss(control[s]), "arm": seed_mean_loss(treated[s])}
+                for s in sorted(control)}
+    spread = seed_spread({s: v["control"] for s, v in per_seed.items()},
+                         {s: v["arm"] for s, v in per_seed.items()})
+
+    def averaged(by_seed: Mapping[int, EvaluationResult]) -> tuple[np.ndarray, np.ndarray]:
+        return mean_over_seeds([(r.per_sample.sample_ids.numpy(), r.per_sample.loss.numpy())
+                                for _, r in sorted(by_seed.items())])
+
+    c_ids, c_loss = averaged(control)
+    a_ids, a_loss = averaged(treated)
+    paired = paired_samples(c_ids, c_loss, a_ids, a_loss)
+    result = verdict(paired, arm_name=arm, control_name=CONTROL,
+                     metric="per-sample test MSE (normalized, mean over seeds)",
+                     block_length=block_length, n_boot=n_boot, seeds=spread)
+    cv_ids, cv_mse = _seed_averaged_variable_mse(control)
+    av_ids, av_mse = _seed_averaged_variable_mse(treated)
+    gains = gains_by_variable_and_lead(cv_ids, cv_mse, av_ids, av_mse, variables,
+                                       block_length=block_length, n_boot=n_boot)
+    c_state, a_state = pooled_state(control), pooled_state(treated)
+    regions = region_report(c_state, a_state, variables, elevation_m=elevation_m,
+                            region_codes=region_codes, region_names=region_names)
+    gmap = gain_map(c_state["cell_sq_err"], c_state["cell_count"], a_state["cell_sq_err"],
+                    a_state["cell_count"])
+    return ArmComparison(arm, result, gains, regions, gmap, per_seed)

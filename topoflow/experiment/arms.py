@@ -1,0 +1,140 @@
+"""Arm specifications: what differs between the models an experiment compares.
+
+An arm is a fine-tuning recipe applied to the same baseline checkpoint with the same data order and
+step budget; only the elevation-bias settings (and optionally what trains) differ. The control is
+the baseline fine-tuned with no bias at all: the honest comparison, since fine-tuning for more
+steps lowers the loss by itself.
+
+Arms are named on the command line either by a known name (`control`, `topoflow`, `alpha2`,
+`hscale500`, ...) or by a spec string `name:blocks=0,1;scale=500;alpha=2.0;trainable=all`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+__all__ = [
+    "CONTROL",
+    "KNOWN_ARMS",
+    "ArmSpec",
+    "UnknownArmError",
+    "parse_arm",
+    "parse_arms",
+]
+
+CONTROL = "control"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class UnknownArmError(ValueError):
+    """An arm name that is neither known nor a spec string."""
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """One arm: elevation-bias blocks (empty = no bias), H_scale (m), alpha init, trainable set."""
+
+    name: str
+    elevation_blocks: tuple[int, ...] = ()
+    elevation_scale: float = 1000.0
+    alpha_init: float = 0.0
+    trainable: str = "all"
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(
+                f"arm name {self.name!r}: use letters, digits, '_', '-', '.' (it names a folder)"
+            )
+        if any(b < 0 for b in self.elevation_blocks):
+            raise ValueError(f"arm {self.name!r}: block indices must be >= 0, got "
+                             f"{list(self.elevation_blocks)}")
+        if self.elevation_scale <= 0:
+            raise ValueError(f"arm {self.name!r}: H_scale must be > 0 m, got "
+                             f"{self.elevation_scale}")
+
+    def train_args(self) -> list[str]:
+        """The train_accelerate.py arguments that make this arm."""
+        blocks = ",".join(str(b) for b in self.elevation_blocks) or "none"
+        return ["--elevation-blocks", blocks, "--elevation-scale", repr(self.elevation_scale),
+                "--alpha-init", repr(self.alpha_init), "--trainable", self.trainable]
+
+    def recipe(self) -> dict:
+        """JSON-ready settings, without the free-text description."""
+        out = asdict(self)
+        out.pop("description")
+        out["elevation_blocks"] = list(self.elevation_blocks)
+        return out
+
+    def same_recipe(self, other: ArmSpec) -> bool:
+        return {**self.recipe(), "name": ""} == {**other.recipe(), "name": ""}
+
+
+KNOWN_ARMS: dict[str, ArmSpec] = {
+    arm.name: arm
+    for arm in (
+        ArmSpec(CONTROL, description="baseline fine-tuned with the same budget, no elevation bias"),
+        ArmSpec("topoflow", (0,), description="elevation bias on block 0, alpha init 0"),
+        ArmSpec("alpha2", (0,), alpha_init=2.0,
+                description="elevation bias on block 0, alpha init 2.0 (the paper's)"),
+        ArmSpec("hscale500", (0,), elevation_scale=500.0,
+                description="elevation bias on block 0, H_scale 500 m"),
+        ArmSpec("hscale2000", (0,), elevation_scale=2000.0,
+                description="elevation bias on block 0, H_scale 2000 m"),
+        ArmSpec("blocks01", (0, 1), description="elevation bias on blocks 0 and 1"),
+        ArmSpec("allblocks4", (0, 1, 2, 3),
+                description="elevation bias on blocks 0-3 (every block of the base preset)"),
+    )
+}
+
+_SPEC_KEYS = {"blocks", "scale", "alpha", "trainable"}
+
+
+def _parse_spec(name: str, body: str) -> ArmSpec:
+    settings: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in body.split(";"))):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in _SPEC_KEYS:
+            raise UnknownArmError(
+                f"arm spec {name}:{body!r}: expected key=value pairs with keys "
+                f"{sorted(_SPEC_KEYS)} separated by ';', got {part!r}")
+        settings[key] = value.strip()
+    blocks_text = settings.get("blocks", "none").lower()
+    try:
+        blocks = () if blocks_text in ("", "none") else tuple(
+            sorted({int(b) for b in blocks_text.split(",") if b.strip()}))
+        scale = float(settings.get("scale", 1000.0))
+        alpha = float(settings.get("alpha", 0.0))
+    except ValueError as err:
+        raise UnknownArmError(f"arm spec {name}:{body!r}: {err}") from err
+    return ArmSpec(name, blocks, scale, alpha, settings.get("trainable", "all"),
+                   description=f"custom: {body}")
+
+
+def parse_arm(text: str) -> ArmSpec:
+    """A known arm name, or `name:key=value;...` (keys blocks, scale, alpha, trainable)."""
+    text = text.strip()
+    name, sep, body = text.partition(":")
+    if sep:
+        return _parse_spec(name.strip(), body)
+    if text not in KNOWN_ARMS:
+        raise UnknownArmError(
+            f"unknown arm {text!r}; known arms: {', '.join(KNOWN_ARMS)}, or give a spec such as "
+            f"'{text}:blocks=0;scale=1000;alpha=0'")
+    return KNOWN_ARMS[text]
+
+
+def parse_arms(texts: Sequence[str]) -> list[ArmSpec]:
+    """Parse arm names/specs; the control must be among them and names must be unique."""
+    arms = [parse_arm(t) for t in texts]
+    names = [a.name for a in arms]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"arm names must be unique, got {duplicates} more than once")
+    if CONTROL not in names:
+        raise ValueError(f"the arms {names} lack the '{CONTROL}' arm every other arm is compared "
+                         "against")
+    return arms

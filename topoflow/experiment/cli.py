@@ -1,0 +1,193 @@
+"""`python -m topoflow.experiment`: train (or adopt) arms x seeds, evaluate, write the report.
+
+    python -m topoflow.experiment --output-dir outputs/experiment-positive \\
+        --model topoflow-base --arms control topoflow --seeds 0 1 2 --max-steps 300
+    python -m topoflow.experiment --output-dir outputs/exp --run control:0=runs/c0 \\
+        --run topoflow:0=runs/t0        # finished runs, no training
+
+See docs/experiment.md for every option and what the report contains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .arms import KNOWN_ARMS, ArmSpec, parse_arms
+from .evaluate import build_climatology, evaluate_models, load_evaluation
+from .runner import Budget, RunRecord, adopt_run, check_runs, parse_run_argument, train_arms
+from .subset import make_corpus_view
+
+__all__ = ["build_parser", "main", "run_experiment"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m topoflow.experiment",
+        description="Controlled experiment: arms fine-tuned from one baseline with one budget, "
+                    "compared with the control on paired per-sample losses.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output-dir", required=True, help="experiment folder")
+    p.add_argument("--title", default="does the elevation bias help?")
+    g = p.add_argument_group("what to compare")
+    g.add_argument("--model", default="topoflow-base", help="baseline checkpoint every arm "
+                   "fine-tunes (folder, short name or Hub id)")
+    g.add_argument("--arms", nargs="+", default=["control", "topoflow"],
+                   help=f"arm names ({', '.join(KNOWN_ARMS)}) or specs "
+                        "'name:blocks=0,1;scale=500;alpha=2;trainable=all'")
+    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    g.add_argument("--run", action="append", default=[], metavar="ARM:SEED=PATH",
+                   help="a finished train_accelerate.py run to use instead of training "
+                        "(repeat for every arm x seed); --arms/--seeds are then ignored")
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", default=None, help="corpus folder; default: the embedded corpus")
+    g.add_argument("--corpus-size", default="default")
+    g.add_argument("--terrain-blocking", type=float, default=1.0,
+                   help="embedded corpus only: 1 = terrain blocks upslope transport, 0 = no effect")
+    g.add_argument("--val-shards", type=int, default=0,
+                   help="train on a view of the corpus whose validation split keeps this many "
+                        "shards, spread over the year (0: all); bounds the validation cost")
+    g = p.add_argument_group("budget (identical for every arm)")
+    g.add_argument("--max-steps", type=int, default=100)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--learning-rate", type=float, default=3e-4)
+    g.add_argument("--eval-every", type=int, default=25)
+    g.add_argument("--eval-batches", type=int, default=4)
+    g.add_argument("--train-arg", action="append", default=[], metavar="ARG",
+                   help="extra train_accelerate.py argument for every arm, e.g. "
+                        "--train-arg=--warmup-steps=10")
+    g = p.add_argument_group("execution")
+    g.add_argument("--launcher", choices=("subprocess", "inprocess"), default="subprocess")
+    g.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    g.add_argument("--threads", type=int, default=None, help="torch threads per subprocess run")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-split", default="test")
+    g.add_argument("--eval-init-stride", type=int, default=1,
+                   help="score every k-th initialization time only (all its leads)")
+    g.add_argument("--eval-batch-size", type=int, default=32)
+    g.add_argument("--no-climatology", action="store_true",
+                   help="skip the climatology reference (it reads the whole training split)")
+    g.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    return p
+
+
+def _resolve_corpus(args: argparse.Namespace) -> Path:
+    if args.corpus is not None:
+        corpus = Path(args.corpus)
+        if not (corpus / "topoflow_corpus.json").is_file():
+            raise FileNotFoundError(f"--corpus {corpus}: no topoflow_corpus.json there")
+        return corpus
+    from topoflow.corpus import build_default_corpus
+
+    return build_default_corpus(size=args.corpus_size, terrain_blocking=args.terrain_blocking)
+
+
+def _adopted_runs(texts: Sequence[str]) -> tuple[list[RunRecord], dict[str, float]]:
+    records, h_scales = [], {}
+    for text in texts:
+        arm, seed, path = parse_run_argument(text)
+        records.append(adopt_run(arm, seed, path))
+        report = json.loads((Path(path) / "report.json").read_text())
+        h_scales[arm] = float(report.get("run", {}).get("elevation_scale", 1000.0))
+    return records, h_scales
+
+
+def _evaluate(out: Path, records: Sequence[RunRecord], corpus: Path, args: argparse.Namespace,
+              log: Any) -> dict[str, dict[int, Any]]:
+    """Score every run (one pass over the split for all of them) unless already scored."""
+    spec = {"corpus": str(corpus), "split": args.eval_split, "init_stride": args.eval_init_stride,
+            "climatology": not args.no_climatology}
+    folders = {(r.arm, r.seed): out / "eval" / r.arm / f"seed{r.seed}" for r in records}
+    todo = {}
+    for r in records:
+        metrics = folders[(r.arm, r.seed)] / "metrics.json"
+        done = metrics.is_file() and {k: json.loads(metrics.read_text())["evaluated"].get(k)
+                                      for k in spec} == spec
+        done = done and json.loads(metrics.read_text())["evaluated"]["model"] == str(
+            Path(r.path) / "model")
+        if not done:
+            todo[f"{r.arm}/seed{r.seed}"] = Path(r.path) / "model"
+    if todo:
+        clim = None
+        if not args.no_climatology:
+            first = next(iter(todo.values()))
+            targets = json.loads((first / "config.json").read_text())["target_variables"]
+            clim = build_climatology(corpus, targets)
+        started = time.time()
+        log(f"evaluating {len(todo)} models on {args.eval_split} (stride {args.eval_init_stride})")
+        results = evaluate_models(todo, corpus, split=args.eval_split,
+                                  batch_size=args.eval_batch_size,
+                                  init_stride=args.eval_init_stride, climatology=clim)
+        log(f"evaluation took {time.time() - started:.0f} s")
+        for key, result in results.items():
+            arm, seed = key.split("/seed")
+            result.save(folders[(arm, int(seed))])
+    evals: dict[str, dict[int, Any]] = {}
+    for (arm, seed), folder in folders.items():
+        evals.setdefault(arm, {})[seed] = load_evaluation(folder)
+    return evals
+
+
+def run_experiment(args: argparse.Namespace, log: Any = print) -> dict:
+    """The whole experiment; returns report.json's content."""
+    from modeling_topoflow import TopoFlowForForecasting  # noqa: F401  (fails early if missing)
+
+    from .report import CorpusContext, write_report
+
+    out = Path(args.output_dir)
+    corpus = _resolve_corpus(args)
+    plan: dict[str, Any] = {"title": args.title, "corpus": str(corpus)}
+    if args.run:
+        records, h_scales = _adopted_runs(args.run)
+        plan["baseline"] = "finished runs given with --run"
+    else:
+        arms: list[ArmSpec] = parse_arms(args.arms)
+        h_scales = {a.name: a.elevation_scale for a in arms}
+        train_corpus = corpus
+        if args.val_shards:
+            train_corpus = make_corpus_view(corpus, out / "corpus-view",
+                                            {"validation": args.val_shards})
+            plan["training_corpus"] = f"{train_corpus} (validation split: {args.val_shards} "\
+                                      "shard(s) of the corpus)"
+        budget = Budget(args.max_steps, args.batch_size, args.learning_rate, args.eval_every,
+                        args.eval_batches, list(args.train_arg))
+        plan.update(baseline=args.model, budget=vars(budget),
+                    arms={a.name: {**a.recipe(), "description": a.description} for a in arms})
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "experiment.json").write_text(json.dumps(plan, indent=2) + "\n")
+        records = train_arms(out, arms, args.seeds, model=args.model, corpus=train_corpus,
+                             budget=budget, launcher=args.launcher, jobs=args.jobs,
+                             threads=args.threads, log=log)
+    check_runs(records)
+    ctx = CorpusContext(corpus)
+    plan["corpus_provenance"] = {k: ctx.meta.provenance.get(k)
+                                 for k in ("source", "size", "seed", "terrain_blocking")}
+    plan["eval"] = {"split": args.eval_split, "init_stride": args.eval_init_stride,
+                    "climatology": not args.no_climatology}
+    evals = _evaluate(out, records, corpus, args, log)
+    from configuration_topoflow import TopoFlowConfig
+
+    config = TopoFlowConfig.from_pretrained(str(Path(records[0].path) / "model"))
+    first = next(iter(next(iter(evals.values())).values()))
+    plan["eval"]["n_samples"] = first.metrics["evaluated"]["n_samples"]
+    report = write_report(out / "report", plan=plan, records=records, evals=evals,
+                          config=config, ctx=ctx, h_scales=h_scales, n_boot=args.n_boot)
+    log(f"report written to {out / 'report' / 'report.md'}")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run_experiment(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        print(f"python -m topoflow.experiment: error: {err}", file=sys.stderr)
+        return 2
+    for comparison in report["comparisons"].values():
+        print(comparison["verdict"]["text"])
+    return 0

@@ -1,0 +1,200 @@
+"""Score one or more model folders on a corpus split, streaming the split once for all of them.
+
+For every model: `ForecastMetrics` with persistence and climatology references (RMSE, MAE, bias
+per target x lead in physical units, skill scores), the per-sample errors for paired comparisons,
+and the per-cell error sums for gain maps. Each model's results go to its own folder:
+
+    <dest>/metrics.json              ForecastMetrics.compute() + what was evaluated
+    <dest>/metrics_state.safetensors the running sums (ForecastMetrics.state())
+    <dest>/per_sample.safetensors    sample_ids (N,), sq_err_sum (N, V), count (N, V)
+
+Streaming once matters on small machines: reading and normalizing a shard costs about as much as
+a forward pass of a small model, and every arm must be scored on exactly the same samples anyway.
+`init_stride` keeps every k-th initialization time (all its leads) to bound the cost; the kept
+set depends only on the sample ids, so it is the same for every model and every run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+from topoflow.metrics import Climatology, ForecastMetrics, PerSampleErrors
+
+__all__ = [
+    "METRICS_JSON",
+    "METRICS_STATE",
+    "PER_SAMPLE",
+    "EvaluationResult",
+    "build_climatology",
+    "evaluate_models",
+    "load_evaluation",
+]
+
+METRICS_JSON = "metrics.json"
+METRICS_STATE = "metrics_state.safetensors"
+PER_SAMPLE = "per_sample.safetensors"
+
+
+def build_climatology(corpus: str | Path, target_variables: list[str], *,
+                      split: str = "train") -> Climatology:
+    """Training-split climatology read straight from the local Parquet shards.
+
+    Each time stamp counts once (halo rows are skipped: they belong to the next shard), which is
+    what "the mean for that month and hour of day" means; going through the forecast samples
+    would count every row once per lead time.
+    """
+    from topoflow.corpus import CorpusMetadata
+
+    corpus = Path(corpus)
+    meta = CorpusMetadata.load(corpus)
+    missing = [v for v in target_variables if v not in meta.variables]
+    if missing:
+        raise ValueError(f"corpus {corpus}: no dynamic variables {missing} for the climatology")
+    clim = Climatology(target_variables, (meta.height, meta.width))
+    for shard in meta.split_shards(split):
+        path = corpus / shard.file
+        if not path.is_file():
+            raise FileNotFoundError(f"climatology: shard {path} is missing")
+        # Only the needed columns (the shard validator wants all of them, so read them directly).
+        table = pq.read_table(path, columns=["time_hour", "is_halo", *target_variables])
+        own = ~table.column("is_halo").to_numpy(zero_copy_only=False).astype(bool)
+        time_hour = table.column("time_hour").to_numpy().astype(np.int64)
+        values = np.stack([
+            table.column(v).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            .reshape(table.num_rows, meta.height, meta.width)[own]
+            for v in target_variables], axis=1)  # (T, V, H, W)
+        clim.add_physical(torch.from_numpy(values), time_hour[own])
+    return clim
+
+
+class EvaluationResult:
+    """One model's evaluation, as written to (or read back from) its folder."""
+
+    def __init__(self, metrics: dict[str, Any], state: dict[str, torch.Tensor],
+                 per_sample: PerSampleErrors, folder: Path | None = None) -> None:
+        self.metrics = metrics
+        self.state = state
+        self.per_sample = per_sample
+        self.folder = folder
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state.items()},
+                  str(folder / METRICS_STATE))
+        rows = self.per_sample
+        save_file({"sample_ids": rows.sample_ids.contiguous(),
+                   "sq_err_sum": rows.sq_err_sum.contiguous(), "count": rows.count.contiguous()},
+                  str(folder / PER_SAMPLE))
+        (folder / METRICS_JSON).write_text(json.dumps(self.metrics, indent=2) + "\n")
+        self.folder = folder
+        return folder
+
+
+def load_evaluation(folder: str | Path) -> EvaluationResult:
+    """Read what `EvaluationResult.save` wrote; a clear error names the missing file."""
+    folder = Path(folder)
+    for name in (METRICS_JSON, METRICS_STATE, PER_SAMPLE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"evaluation folder {folder} lacks {name}")
+    rows = load_file(str(folder / PER_SAMPLE))
+    per_sample = PerSampleErrors(rows["sample_ids"], rows["sq_err_sum"], rows["count"])
+    return EvaluationResult(json.loads((folder / METRICS_JSON).read_text()),
+                            load_file(str(folder / METRICS_STATE)), per_sample, folder)
+
+
+def _load_models(model_dirs: Mapping[str, str | Path]) -> dict[str, Any]:
+    import topoflow  # noqa: F401  (registers the Auto classes and the name resolver)
+    from modeling_topoflow import TopoFlowForForecasting
+
+    models = {}
+    for name, folder in model_dirs.items():
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"model folder of {name!r} does not exist: {folder}")
+        models[name] = TopoFlowForForecasting.from_pretrained(str(folder)).eval()
+    return models
+
+
+def _check_same_data_contract(models: Mapping[str, Any]) -> Any:
+    """All models must read and predict the same variables, leads and normalization."""
+    keys = ("variables", "target_variables", "lead_times_hours", "variable_mean", "variable_std",
+            "img_size")
+    names = list(models)
+    first = models[names[0]].config
+    for name in names[1:]:
+        config = models[name].config
+        differing = [k for k in keys if getattr(config, k) != getattr(first, k)]
+        if differing:
+            raise ValueError(f"model {name!r} differs from {names[0]!r} in {differing}: they "
+                             "cannot be scored on the same batches")
+    return first
+
+
+def _keep_init_stride(batch: dict[str, torch.Tensor], stride: int, step_hours: int
+                      ) -> dict[str, torch.Tensor] | None:
+    if stride <= 1:
+        return batch
+    init_index = (batch["sample_ids"] // 1000) // step_hours
+    keep = init_index % stride == 0
+    if not bool(keep.any()):
+        return None
+    return {k: v[keep] for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_models(model_dirs: Mapping[str, str | Path], corpus: str | Path, *,
+                    split: str = "test", batch_size: int = 32, init_stride: int = 1,
+                    climatology: Climatology | None = None, max_batches: int = 0
+                    ) -> dict[str, EvaluationResult]:
+    """Score every model of `model_dirs` ({name: folder}) on the same samples of `split`."""
+    from torch.utils.data import DataLoader
+
+    from topoflow.corpus import CorpusMetadata
+    from topoflow.data import collate_forecast_batch, make_forecast_dataset
+
+    if init_stride < 1:
+        raise ValueError(f"init_stride must be >= 1, got {init_stride}")
+    models = _load_models(model_dirs)
+    if not models:
+        raise ValueError("evaluate_models: no model given")
+    config = _check_same_data_contract(models)
+    meta = CorpusMetadata.load(corpus)
+    normalization = {"mean": config.variable_mean, "std": config.variable_std}
+    dataset = make_forecast_dataset(
+        corpus, split, variables=config.variables, target_variables=config.target_variables,
+        lead_times_hours=config.lead_times_hours, normalization=normalization, shuffle=False)
+    metrics = {name: ForecastMetrics(
+        target_variables=config.target_variables, lead_times_hours=config.lead_times_hours,
+        normalization=normalization, grid_shape=(meta.height, meta.width),
+        input_variables=config.variables, climatology=climatology, units=meta.units)
+        for name in models}
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_forecast_batch)
+    for index, batch in enumerate(loader):
+        if max_batches and index >= max_batches:
+            break
+        batch = _keep_init_stride(batch, init_stride, meta.time_step_hours)
+        if batch is None:
+            continue
+        for name, model in models.items():
+            out = model(**batch)
+            metrics[name].add(out.forecast, batch["labels"], batch["region_mask"],
+                              batch["sample_ids"], fields=batch["fields"])
+    info = {"corpus": str(corpus), "split": split, "init_stride": init_stride,
+            "max_batches": max_batches, "climatology": climatology is not None}
+    results = {}
+    for name, metric in metrics.items():
+        rows = metric.per_sample()
+        if rows.sample_ids.numel() == 0:
+            raise ValueError(f"split {split!r} of {corpus} gave no sample to evaluate")
+        scores = {**metric.compute(), "evaluated": {**info, "model": str(model_dirs[name]),
+                                                    "n_samples": int(rows.sample_ids.numel())}}
+        results[name] = EvaluationResult(scores, metric.state(), rows)
+    return results

@@ -1,0 +1,256 @@
+"""The experiment report folder: report.md, report.json and the PNG figures.
+
+Everything in report.md is also in report.json, so a reader can check a number without running
+code, and a script can read the same number without parsing Markdown.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from topoflow.figures import (
+    plot_attention_bias,
+    plot_gain_bars,
+    plot_gain_maps,
+    plot_val_loss_curves,
+)
+
+from .analysis import ArmComparison, compare_arm, pooled_scores
+from .arms import CONTROL
+from .evaluate import EvaluationResult
+from .runner import RunRecord
+
+__all__ = ["CorpusContext", "read_val_curve", "run_alphas", "write_report"]
+
+
+class CorpusContext:
+    """What the report needs from the corpus: elevation, regions, extent, units, provenance."""
+
+    def __init__(self, corpus: str | Path) -> None:
+        from safetensors.numpy import load_file
+
+        from topoflow.corpus import CorpusMetadata
+        from topoflow.regions import regions_from_corpus
+
+        self.path = Path(corpus)
+        self.meta = CorpusMetadata.load(self.path)
+        static = load_file(str(self.path / "static.safetensors"))
+        self.elevation_m = static["elevation"].astype(np.float64)
+        self.region_codes, self.region_names = regions_from_corpus(self.path)
+        grid = self.meta.grid
+        self.extent = (grid["lon_min"], grid["lon_max"], grid["lat_min"], grid["lat_max"])
+        self.units = dict(self.meta.units)
+
+
+def read_val_curve(run_path: str | Path) -> tuple[list[float], list[float]]:
+    """(steps, losses) of the periodic validation subset from a run's val_loss.csv."""
+    path = Path(run_path) / "val_loss.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"run {run_path} has no val_loss.csv")
+    steps, losses = [], []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("full") == "True" and float(row["step"]) != 0:
+                continue  # the final full-split value is on another sample set than the curve
+            if row.get("full") == "True":
+                continue
+            steps.append(float(row["step"]))
+            losses.append(float(row["val_loss"]))
+    return steps, losses
+
+
+def run_alphas(run_path: str | Path) -> dict[str, float]:
+    """Learned elevation_alpha per biased block at the end of a run (report.json)."""
+    report = json.loads((Path(run_path) / "report.json").read_text())
+    return {str(k): float(v) for k, v in report.get("run", {}).get("final_alpha", {}).items()}
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:+.2f}%"
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return f"{p:.2g}" if p >= 1e-4 else "< 1e-4"
+
+
+def _gain_table(gains: Sequence[Mapping]) -> str:
+    lines = ["| pollutant | lead (h) | MSE gain | 95% CI | significant |",
+             "|---|---:|---:|---|---|"]
+    for g in gains:
+        sig = "yes (better)" if g["ci_low"] > 0 else "yes (worse)" if g["ci_high"] < 0 else "no"
+        lines.append(f"| {g['variable']} | {g['lead_hours']} | {_pct(g['gain'])} | "
+                     f"{_pct(g['ci_low'])} to {_pct(g['ci_high'])} | {sig} |")
+    return "\n".join(lines)
+
+
+def _seed_table(comparison: ArmComparison) -> str:
+    lines = ["| seed | control test loss | arm test loss | reduction |", "|---:|---:|---:|---:|"]
+    for seed, v in comparison.per_seed.items():
+        lines.append(f"| {seed} | {v['control']:.5f} | {v['arm']:.5f} | "
+                     f"{v['control'] - v['arm']:+.5f} |")
+    s = comparison.verdict.seeds
+    test = f"paired t-test p = {_p(s.t_pvalue)}" if s.t_pvalue is not None else s.note
+    lines.append(f"| mean +- std | {s.control_mean:.5f} +- {s.control_std:.5f} | "
+                 f"{s.arm_mean:.5f} +- {s.arm_std:.5f} | {s.mean_reduction:+.5f} +- "
+                 f"{s.std_reduction:.5f} ({test}) |")
+    return "\n".join(lines)
+
+
+def _scores_table(scores: Mapping[str, dict], variables: Sequence[str]) -> str:
+    lines = ["| arm | pollutant | unit | RMSE | MAE | bias | skill vs persistence | "
+             "skill vs climatology |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for arm, result in scores.items():
+        for var in variables:
+            row = result["variables"][var]["all"]
+            lines.append(f"| {arm} | {var} | {result['units'].get(var) or ''} | "
+                         f"{_num(row['rmse'])} | {_num(row['mae'])} | {_num(row['bias'])} | "
+                         f"{_pct(row['skill_persistence'])} | {_pct(row['skill_climatology'])} |")
+    return "\n".join(lines)
+
+
+def _alpha_table(alphas: Mapping[str, Mapping[int, Mapping[str, float]]]) -> str:
+    lines = ["| arm | seed | learned alpha per block |", "|---|---:|---|"]
+    for arm, by_seed in alphas.items():
+        for seed, per_block in sorted(by_seed.items()):
+            text = ", ".join(f"block {b}: {v:.4f}" for b, v in sorted(per_block.items())) or "none"
+            lines.append(f"| {arm} | {seed} | {text} |")
+    return "\n".join(lines)
+
+
+def _runs_table(records: Sequence[RunRecord]) -> str:
+    lines = ["| arm | seed | run folder | training wall time |", "|---|---:|---|---:|"]
+    for r in records:
+        wall = "n/a" if r.wall_time_s is None else f"{r.wall_time_s:.0f} s"
+        lines.append(f"| {r.arm} | {r.seed} | `{r.path}`{' (adopted)' if r.adopted else ''} | "
+                     f"{wall} |")
+    return "\n".join(lines)
+
+
+def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Sequence[RunRecord],
+             ctx: CorpusContext, variables: Sequence[str], patch_size: int, h_scales: Mapping,
+             alphas: Mapping) -> list[dict[str, str]]:
+    figures = []
+    curves: dict[str, dict[int, tuple]] = {}
+    for r in records:
+        curves.setdefault(r.arm, {})[r.seed] = read_val_curve(r.path)
+    path = plot_val_loss_curves(curves, out / "val_loss_curves.png")
+    figures.append({"file": path.name, "caption": "Validation loss (normalized MSE, periodic "
+                    "validation subset) of every arm during fine-tuning; line: mean over seeds, "
+                    "band: min-max over seeds."})
+    for arm, comp in comparisons.items():
+        path = plot_gain_maps(comp.gain_map, variables, out / f"gain_map_{arm}.png",
+                              elevation_m=ctx.elevation_m, extent=ctx.extent,
+                              title=f"Relative RMSE gain of {arm} over the control per cell, "
+                                    "pooled over seeds (blue: arm better)")
+        figures.append({"file": path.name, "caption": f"Per-cell relative RMSE gain "
+                        f"1 - RMSE_{arm} / RMSE_control on the evaluation split, per pollutant, "
+                        "with elevation contours; blue cells favour the arm."})
+        path = plot_gain_bars(comp.gains, out / f"gain_bars_{arm}.png",
+                              title=f"Relative MSE gain of {arm} over the control")
+        figures.append({"file": path.name, "caption": f"Relative MSE gain of {arm} per "
+                        "pollutant and lead time (seed-averaged), error bars: 95% block-bootstrap "
+                        "intervals; bars above 0 favour the arm."})
+        block0 = [v.get("0") for v in alphas.get(arm, {}).values() if "0" in v]
+        if block0:
+            alpha = float(np.mean(block0))
+            path = plot_attention_bias(ctx.elevation_m, out / f"attention_bias_{arm}.png",
+                                       patch_size=patch_size, alpha=alpha,
+                                       h_scale_m=float(h_scales.get(arm, 1000.0)),
+                                       extent=ctx.extent)
+            figures.append({"file": path.name, "caption": f"Attention bias of block 0 of {arm} "
+                            f"with its learned alpha (mean over seeds, {alpha:.4f}) for a low "
+                            "patch beside high terrain (star): darker = stronger penalty on "
+                            "attending to that higher patch."})
+    return figures
+
+
+def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Sequence[RunRecord],
+                 evals: Mapping[str, Mapping[int, EvaluationResult]], config: Any,
+                 ctx: CorpusContext, h_scales: Mapping[str, float], n_boot: int = 2000
+                 ) -> dict:
+    """Compute every comparison, draw the figures, write report.md and report.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    variables = list(config.target_variables)
+    if CONTROL not in evals:
+        raise ValueError(f"no '{CONTROL}' arm among the evaluated arms {sorted(evals)}")
+    comparisons = {
+        arm: compare_arm(evals, arm, variables=variables, elevation_m=ctx.elevation_m,
+                         region_codes=ctx.region_codes, region_names=ctx.region_names,
+                         n_boot=n_boot)
+        for arm in evals if arm != CONTROL}
+    scores = {arm: pooled_scores(by_seed, config, ctx.units) for arm, by_seed in evals.items()}
+    alphas: dict[str, dict[int, dict[str, float]]] = {}
+    for r in records:
+        alphas.setdefault(r.arm, {})[r.seed] = run_alphas(r.path)
+    figures = _figures(out, comparisons, records, ctx, variables, int(config.patch_size),
+                       h_scales, alphas)
+    report = {
+        "plan": dict(plan),
+        "runs": [r.to_dict() for r in records],
+        "comparisons": {arm: c.to_dict() for arm, c in comparisons.items()},
+        "scores": scores,
+        "learned_alpha": {a: {str(s): v for s, v in b.items()} for a, b in alphas.items()},
+        "figures": figures,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "report.md").write_text(_markdown(plan, records, comparisons, scores, alphas,
+                                             figures, variables))
+    return report
+
+
+def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
+              comparisons: Mapping[str, ArmComparison], scores: Mapping[str, dict],
+              alphas: Mapping, figures: Sequence[Mapping[str, str]],
+              variables: Sequence[str]) -> str:
+    seeds = sorted({r.seed for r in records})
+    md = [f"# Experiment: {plan.get('title', 'does the elevation bias help?')}", ""]
+    md += ["## Setup", ""]
+    for key, label in (("baseline", "Baseline checkpoint"), ("corpus", "Corpus"),
+                       ("corpus_provenance", "Corpus provenance"),
+                       ("training_corpus", "Training corpus (view)"),
+                       ("eval", "Evaluation"), ("budget", "Budget per arm and seed"),
+                       ("arms", "Arms")):
+        if key in plan:
+            md.append(f"- {label}: {json.dumps(plan[key], default=str)}")
+    md.append(f"- Seeds: {seeds} (arm and control of one seed share data order and init)")
+    md += ["", "Each arm is compared with the control: the baseline fine-tuned with the same "
+           "budget and data order but no elevation bias. Per-sample losses on the evaluation "
+           "split are averaged over seeds and paired by sample id; intervals are 95% moving-block "
+           "bootstrap intervals over initialization times.", ""]
+    for arm, comp in comparisons.items():
+        v = comp.verdict
+        md += [f"## Verdict: {arm} vs control", "", f"**{v.direction}.** {v.text}", ""]
+        md += [f"- Effect size: mean reduction {v.bootstrap.mean_reduction:.3g} (95% CI "
+               f"{v.bootstrap.ci[0]:.3g} to {v.bootstrap.ci[1]:.3g}); relative gain "
+               f"{_pct(v.bootstrap.relative_gain)} (CI {_pct(v.bootstrap.relative_gain_ci[0])} "
+               f"to {_pct(v.bootstrap.relative_gain_ci[1])})",
+               f"- Wilcoxon signed-rank on {v.n_block_means} block means of "
+               f"{v.block_means_length} init times: p = {_p(v.wilcoxon_block_means.pvalue)} "
+               f"(on the raw samples: p = {_p(v.wilcoxon_samples.pvalue)}, overstated by "
+               "autocorrelation)", ""]
+        md += ["### Seed-to-seed spread (mean per-sample test loss)", "", _seed_table(comp), ""]
+        md += ["### Per pollutant and lead time", "", _gain_table(comp.gains), ""]
+        md += ["### By elevation band and named region (relative RMSE gain, pooled over seeds)",
+               "", comp.regions["markdown"], ""]
+    md += ["## Learned elevation alpha", "", _alpha_table(alphas), ""]
+    md += ["## Scores of every arm (pooled over seeds, all lead times)", "",
+           _scores_table(scores, variables), ""]
+    md += ["## Runs", "", _runs_table(records), ""]
+    md += ["## Figures", ""]
+    for fig in figures:
+        md += [f"![{fig['file']}]({fig['file']})", "", f"*{fig['caption']}*", ""]
+    return "\n".join(md)
