@@ -194,29 +194,77 @@ def test_nonfinite_losses_in_a_row_abort_without_saving(synthetic_corpus, tiny_c
     assert not (out / "model").exists()
 
 
-def test_two_cpu_processes_read_distinct_shards(reference_run, synthetic_corpus, tiny_config,
-                                                tmp_path):
+def test_two_cpu_processes_distinct_shards_and_exact_resume(reference_run, synthetic_corpus,
+                                                           tiny_config, tmp_path):
     out = tmp_path / "ddp"
     # Through the shipped example config, so the config is tested too.
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml")]
-    _run(_args(synthetic_corpus, tiny_config, out, "--debug-log-sample-ids"), launcher=launcher)
+    args = _args(synthetic_corpus, tiny_config, out, "--debug-log-sample-ids",
+                 "--checkpointing-steps", "3")
+    _run([*args, "--stop-after-steps", "3"], launcher=launcher)
+    _run([*args, "--resume-from-checkpoint", "latest"], launcher=launcher)
     report = json.loads((out / "report.json").read_text())
     assert report["run"]["world_size"] == 2
     # Every validation sample counted exactly once: the same count as one process.
     single = json.loads((reference_run / "report.json").read_text())
     assert report["final_eval"]["n_samples"] == single["final_eval"]["n_samples"]
     assert report["final_eval"]["loss"] > 0
-    ids = _ids_by_rank(out)
-    assert sorted(ids) == [0, 1] and not set(ids[0]) & set(ids[1])
-    shard_hours = _shard_of_init_hour(synthetic_corpus)
-    shards = [{shard_hours(i // 1000) for i in ids[rank]} for rank in (0, 1)]
+    # Before and after the resume each rank saw exactly the batches its own shards give, in
+    # order; the ranks' shards are disjoint.
+    records = _records_by_rank(out)
+    expected = _expected_batches(synthetic_corpus, reference_run / "model", steps=STEPS)
+    assert records == expected
+    shard_of = _shard_of_init_hour(synthetic_corpus)
+    shards = [{shard_of(i // 1000) for ids in records[rank].values() for i in ids}
+              for rank in (0, 1)]
     assert not shards[0] & shards[1]
     # One set of outputs, written by the main process; only the debug logs are per rank.
     assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)
     assert len(list(out.rglob("report.json"))) == 1
     assert sorted(p.name for p in (out / "debug").iterdir()) == [
         "sample_ids_rank0.jsonl", "sample_ids_rank1.jsonl"]
+
+
+def _records_by_rank(output_dir: Path) -> dict[int, dict[tuple[int, int], list[int]]]:
+    found = {}
+    for path in sorted((output_dir / "debug").glob("sample_ids_rank*.jsonl")):
+        records = {}
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            records[(record["epoch"], record["step"])] = record["ids"]
+        found[int(path.stem.removeprefix("sample_ids_rank"))] = records
+    return found
+
+
+def _expected_batches(corpus: Path, model_dir: Path, steps: int, world_size: int = 2,
+                      batch_size: int = 4) -> dict[int, dict[tuple[int, int], list[int]]]:
+    """What each rank must train on: its `shard(world_size, rank)` of the shuffled stream,
+    epoch by epoch, an epoch ending when the first rank runs out of batches."""
+    from topoflow.data import make_forecast_dataset
+
+    config = json.loads((model_dir / "config.json").read_text())
+    dataset = make_forecast_dataset(
+        corpus, "train", variables=config["variables"],
+        target_variables=config["target_variables"],
+        lead_times_hours=config["lead_times_hours"], seed=0, shuffle=True)
+    expected: dict[int, dict[tuple[int, int], list[int]]] = {r: {} for r in range(world_size)}
+    step, epoch = 0, 0
+    while step < steps:
+        batches = []
+        for rank in range(world_size):
+            shard = dataset.shard(num_shards=world_size, index=rank)
+            shard.set_epoch(epoch)
+            ids = [int(row["sample_ids"]) for row in shard]
+            batches.append([ids[k:k + batch_size] for k in range(0, len(ids), batch_size)])
+        for index in range(min(len(b) for b in batches)):
+            if step == steps:
+                break
+            step += 1
+            for rank in range(world_size):
+                expected[rank][(epoch, step)] = batches[rank][index]
+        epoch += 1
+    return expected
 
 
 def _shard_of_init_hour(corpus: Path):
