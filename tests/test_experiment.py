@@ -1,0 +1,178 @@
+"""`python -m topoflow.experiment` end to end on the tiny embedded corpus, in-process, tiny budgets.
+
+One baseline (trained from scratch for a few steps) is shared; the experiments fine-tune it for
+3 steps per arm and seed, so the numbers mean nothing, but every file of the report must be there
+and the statistics must behave: identical arms give exactly no difference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from topoflow.experiment import main
+
+STEPS = ["--max-steps", "3", "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1",
+         "--launcher", "inprocess", "--n-boot", "200", "--eval-batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import train_accelerate
+
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    code = train_accelerate.main([
+        "--from-scratch", "--config", "tiny", "--corpus", str(tiny_corpus), "--output-dir",
+        str(out), "--max-steps", "4", "--batch-size", "4", "--eval-every", "100",
+        "--eval-batches", "1", "--learning-rate", "3e-3", "--report-to", "none",
+        "--no-progress-bar"])
+    assert code == 0
+    from topoflow.experiment.runner import _reset_accelerate_state
+
+    _reset_accelerate_state()
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def experiment(baseline: Path, tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> Path:
+    out = tmp_path_factory.mktemp("experiment") / "exp"
+    code = main(["--output-dir", str(out), "--model", str(baseline), "--corpus", str(tiny_corpus),
+                 "--arms", "control", "topoflow", "--seeds", "0", "1", "--val-shards", "2",
+                 "--train-arg=--debug-log-sample-ids", *STEPS])
+    assert code == 0
+    return out
+
+
+def test_two_arms_two_seeds_write_a_complete_report(experiment: Path) -> None:
+    report_dir = experiment / "report"
+    report = json.loads((report_dir / "report.json").read_text())
+    assert sorted((r["arm"], r["seed"]) for r in report["runs"]) == [
+        ("control", 0), ("control", 1), ("topoflow", 0), ("topoflow", 1)]
+    comparison = report["comparisons"]["topoflow"]
+    boot = comparison["verdict"]["bootstrap"]
+    assert boot["ci"][0] <= boot["mean_reduction"] <= boot["ci"][1]
+    assert 0.0 <= comparison["verdict"]["wilcoxon_block_means"]["pvalue"] <= 1.0
+    assert comparison["verdict"]["seeds"]["seeds"] == [0, 1]
+    # 6 pollutants x the tiny corpus's lead times, each with an interval.
+    leads = report["scores"]["control"]["lead_times_hours"]
+    assert len(comparison["gains_by_variable_and_lead"]) == 6 * len(leads)
+    assert {r["region"] for r in comparison["regions"]["region"]} >= {"sichuan_basin", "plateau"}
+    assert len(comparison["regions"]["elevation_band"]) == 6 * 4
+    assert set(report["learned_alpha"]["topoflow"]["0"]) == {"0"}
+    assert report["learned_alpha"]["control"]["0"] == {}
+    for figure in report["figures"]:
+        png = report_dir / figure["file"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    names = {f["file"] for f in report["figures"]}
+    assert {"val_loss_curves.png", "gain_map_topoflow.png", "gain_bars_topoflow.png",
+            "attention_bias_topoflow.png"} <= names
+    md = (report_dir / "report.md").read_text()
+    for heading in ("## Verdict: topoflow vs control", "### Seed-to-seed spread",
+                    "### Per pollutant and lead time", "| elevation band |", "| region |",
+                    "## Learned elevation alpha", "## Figures"):
+        assert heading in md
+    assert "95% CI" in md and "Wilcoxon" in md
+    # The training view kept 2 of the 4 validation shards; evaluation used the full corpus.
+    view = json.loads((experiment / "corpus-view" / "topoflow_corpus.json").read_text())
+    assert sum(s["split"] == "validation" for s in view["shards"]) == 2
+    assert report["plan"]["eval"]["n_samples"] > 0
+
+
+def test_runs_share_data_order_across_arms(experiment: Path) -> None:
+    """Arm and control of one seed train on the same batches in the same order; seeds differ."""
+
+    def order(arm: str, seed: int) -> list[list[int]]:
+        log = experiment / "runs" / arm / f"seed{seed}" / "debug" / "sample_ids_rank0.jsonl"
+        return [json.loads(line)["ids"] for line in log.read_text().splitlines()]
+
+    assert len(order("control", 0)) == 3
+    assert order("control", 0) == order("topoflow", 0)
+    assert order("control", 1) == order("topoflow", 1)
+    assert order("control", 0) != order("control", 1)
+
+
+def test_identical_arms_report_no_significant_difference(baseline: Path, tiny_corpus: Path,
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "twins"
+    code = main(["--output-dir", str(out), "--model", str(baseline), "--corpus", str(tiny_corpus),
+                 "--arms", "control", "twin:blocks=none", "--seeds", "0", "--no-climatology",
+                 "--eval-init-stride", "2", *STEPS])
+    assert code == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    verdict = report["comparisons"]["twin"]["verdict"]
+    assert verdict["significant"] is False
+    assert verdict["direction"] == "no significant difference"
+    assert verdict["bootstrap"]["mean_reduction"] == 0.0
+    assert "No significant difference" in (out / "report" / "report.md").read_text()
+
+
+def test_finished_runs_are_adopted_without_training(experiment: Path, tiny_corpus: Path,
+                                                    tmp_path: Path) -> None:
+    runs = [f"{arm}:{seed}={experiment / 'runs' / arm / f'seed{seed}'}"
+            for arm in ("control", "topoflow") for seed in (0, 1)]
+    out = tmp_path / "adopted"
+    # The scores of these exact run folders are reused (same models, split and options).
+    shutil.copytree(experiment / "eval", out / "eval")
+    argv = ["--output-dir", str(out), "--corpus", str(tiny_corpus), "--n-boot", "200"]
+    for run in runs:
+        argv += ["--run", run]
+    assert main(argv) == 0
+    assert not (out / "runs").exists()  # nothing was trained
+    adopted = json.loads((out / "report" / "report.json").read_text())
+    original = json.loads((experiment / "report" / "report.json").read_text())
+    assert all(r["adopted"] for r in adopted["runs"])
+    assert (adopted["comparisons"]["topoflow"]["verdict"]["bootstrap"]["mean_reduction"]
+            == original["comparisons"]["topoflow"]["verdict"]["bootstrap"]["mean_reduction"])
+
+
+def test_control_missing_is_a_clear_error(baseline: Path, tiny_corpus: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    code = main(["--output-dir", str(tmp_path / "x"), "--model", str(baseline), "--corpus",
+                 str(tiny_corpus), "--arms", "topoflow", "alpha2", *STEPS])
+    assert code == 2
+    assert "lack the 'control' arm" in capsys.readouterr().err
+
+
+def test_unknown_arm_is_a_clear_error(baseline: Path, tiny_corpus: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    code = main(["--output-dir", str(tmp_path / "x"), "--model", str(baseline), "--corpus",
+                 str(tiny_corpus), "--arms", "control", "topoflw", *STEPS])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown arm 'topoflw'" in err and "topoflow" in err
+
+
+def test_adopted_runs_without_control_or_folder_fail_clearly(experiment: Path, tiny_corpus: Path,
+                                                             tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture
+                                                             ) -> None:
+    base = ["--output-dir", str(tmp_path / "x"), "--corpus", str(tiny_corpus)]
+    code = main([*base, "--run", f"topoflow:0={experiment / 'runs' / 'topoflow' / 'seed0'}"])
+    assert code == 2
+    assert "no run of the 'control' arm" in capsys.readouterr().err
+    code = main([*base, "--run", f"control:0={tmp_path / 'nowhere'}"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_mismatched_sample_ids_are_refused(experiment: Path, tiny_corpus: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """An arm scored on other samples (here: one sample dropped from a stored evaluation) must
+    not be paired with the control."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "tampered"
+    shutil.copytree(experiment / "eval", out / "eval")
+    per_sample = out / "eval" / "topoflow" / "seed0" / "per_sample.safetensors"
+    rows = load_file(str(per_sample))
+    save_file({k: v[1:].contiguous() for k, v in rows.items()}, str(per_sample))
+    argv = ["--output-dir", str(out), "--corpus", str(tiny_corpus), "--n-boot", "200"]
+    for arm in ("control", "topoflow"):
+        for seed in (0, 1):
+            argv += ["--run", f"{arm}:{seed}={experiment / 'runs' / arm / f'seed{seed}'}"]
+    assert main(argv) == 2
+    assert "sample ids of topoflow seed 0 differ" in capsys.readouterr().err
