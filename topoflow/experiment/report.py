@@ -130,6 +130,13 @@ def _alpha_table(alphas: Mapping[str, Mapping[int, Mapping[str, float]]]) -> str
     return "\n".join(lines)
 
 
+def _dead_alpha_runs(alphas: Mapping[str, Mapping[int, Mapping[str, float]]]) -> list[str]:
+    """'arm seed s block b' for every biased block whose learned alpha ended below 0."""
+    return [f"{arm} seed {seed} block {block}" for arm, by_seed in alphas.items()
+            for seed, per_block in sorted(by_seed.items())
+            for block, value in sorted(per_block.items()) if value < 0]
+
+
 def _runs_table(records: Sequence[RunRecord]) -> str:
     lines = ["| arm | seed | run folder | training wall time |", "|---|---:|---|---:|"]
     for r in records:
@@ -170,10 +177,13 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
                                        patch_size=patch_size, alpha=alpha,
                                        h_scale_m=float(h_scales.get(arm, 1000.0)),
                                        extent=ctx.extent)
-            figures.append({"file": path.name, "caption": f"Attention bias of block 0 of {arm} "
-                            f"with its learned alpha (mean over seeds, {alpha:.4f}) for a low "
-                            "patch beside high terrain (star): darker = stronger penalty on "
-                            "attending to that higher patch."})
+            caption = (f"Attention bias of block 0 of {arm} with its learned alpha (mean over "
+                       f"seeds, {alpha:.4f}) for a low patch beside high terrain (star): darker "
+                       "= stronger penalty on attending to that higher patch.")
+            if alpha <= 0:
+                caption += (" The learned alpha is <= 0, so the bias is zero everywhere and the "
+                            "right panel is uniformly 0: this arm ended with no elevation bias.")
+            figures.append({"file": path.name, "caption": caption})
     return figures
 
 
@@ -233,7 +243,7 @@ def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
            "bootstrap intervals over initialization times.", ""]
     for arm, comp in comparisons.items():
         v = comp.verdict
-        md += [f"## Verdict: {arm} vs control", "", f"**{v.direction}.** {v.text}", ""]
+        md += [f"## Verdict: {arm} vs control", "", f"**Verdict:** {v.text}", ""]
         md += [f"- Effect size: mean reduction {v.bootstrap.mean_reduction:.3g} (95% CI "
                f"{v.bootstrap.ci[0]:.3g} to {v.bootstrap.ci[1]:.3g}); relative gain "
                f"{_pct(v.bootstrap.relative_gain)} (CI {_pct(v.bootstrap.relative_gain_ci[0])} "
@@ -247,6 +257,12 @@ def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
         md += ["### By elevation band and named region (relative RMSE gain, pooled over seeds)",
                "", comp.regions["markdown"], ""]
     md += ["## Learned elevation alpha", "", _alpha_table(alphas), ""]
+    dead = _dead_alpha_runs(alphas)
+    if dead:
+        md += [f"**Note:** learned alpha < 0 in {', '.join(dead)}. The bias is "
+               "clamp(-alpha * ReLU(rise), -clamp_max, 0): with alpha < 0 it is 0 everywhere and "
+               "alpha gets no gradient, so such a run computes an unbiased model and cannot "
+               "recover; its comparison with the control measures only the first steps.", ""]
     md += ["## Scores of every arm (pooled over seeds, all lead times)", "",
            _scores_table(scores, variables), ""]
     md += ["## Runs", "", _runs_table(records), ""]

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ __all__ = [
     "parse_run_argument",
     "run_dir",
     "train_arms",
+    "check_runs",
 ]
 
 
@@ -126,7 +127,7 @@ def _reset_accelerate_state() -> None:
 def train_arms(experiment_dir: str | Path, arms: Sequence[ArmSpec], seeds: Sequence[int], *,
                model: str, corpus: str | Path, budget: Budget, launcher: str = "subprocess",
                jobs: int = 1, threads: int | None = None,
-               log: callable = print) -> list[RunRecord]:
+               log: Callable[[str], None] = print) -> list[RunRecord]:
     """Train every arm x seed that is not complete yet; return a record per run."""
     if launcher not in ("subprocess", "inprocess"):
         raise ValueError(f"launcher must be 'subprocess' or 'inprocess', got {launcher!r}")
@@ -208,5 +209,3 @@ def check_runs(records: Sequence[RunRecord]) -> dict[str, dict[int, RunRecord]]:
                              f"{control_seeds}; paired seeds are required")
     return by_arm
 
-
-__all__ += ["check_runs"]
