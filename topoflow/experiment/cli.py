@@ -133,7 +133,11 @@ def _evaluate(out: Path, records: Sequence[RunRecord], corpus: Path, args: argpa
     return evals
 
 
-def run_experiment(args: argparse.Namespace, log: Any = print) -> dict:
+def _log(message: str) -> None:
+    print(message, flush=True)  # progress must reach a redirected log while runs go on
+
+
+def run_experiment(args: argparse.Namespace, log: Any = _log) -> dict:
     """The whole experiment; returns report.json's content."""
     from modeling_topoflow import TopoFlowForForecasting  # noqa: F401  (fails early if missing)
 
