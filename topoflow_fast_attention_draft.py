@@ -238,6 +238,21 @@ def _check_shapes(
         )
 
 
+def _token_rows(tokens: torch.Tensor) -> torch.Tensor | None:
+    """(B, h, N, d) as a (B * N, h, d) view when its memory allows, else None."""
+    rows = tokens.transpose(1, 2)
+    try:
+        return rows.view(-1, *rows.shape[2:])
+    except RuntimeError:
+        return None
+
+
+def _flat_index(order: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, M) token indices -> (B * M,) row indices into (B * N, ...) rows."""
+    offsets = torch.arange(order.shape[0], device=order.device)[:, None] * length
+    return (order + offsets).reshape(-1)
+
+
 def _take_tokens(
     tokens: torch.Tensor,
     order: torch.Tensor,
@@ -248,18 +263,24 @@ def _take_tokens(
     """(B, h, N, d) reordered along N: out[:, :, r] = tokens[:, :, order[:, r]].
 
     With padded_width, the result is (B, h, N, padded_width): column d holds first_pad and the
-    rest of the padding 0. The result is laid out (B, N, h, width) in memory like the fused
-    kernels' own outputs.
+    rest of the padding 0. The result is laid out (B, N, h, width) in memory like the model's
+    fused qkv projection and the CPU kernel's gradients, so all samples move in one call.
     """
     batch, heads, length, dim = tokens.shape
     width = dim if padded_width is None else padded_width
-    taken = tokens.new_empty(batch, length, heads, width).transpose(1, 2)
-    for sample in range(batch):
-        torch.index_select(tokens[sample], 1, order[sample], out=taken[sample, ..., :dim])
+    taken = tokens.new_empty(batch, length, heads, width)
+    rows = _token_rows(tokens)
+    if rows is not None:
+        destination = taken.view(batch * length, heads, width)[..., :dim]
+        torch.index_select(rows, 0, _flat_index(order, length), out=destination)
+    else:
+        for sample in range(batch):
+            destination = taken[sample].transpose(0, 1)[..., :dim]
+            torch.index_select(tokens[sample], 1, order[sample], out=destination)
     if width > dim:
         taken[..., dim + 1 :] = 0.0
         taken[..., dim] = first_pad
-    return taken
+    return taken.transpose(1, 2)
 
 
 def _padded_width(dim: int) -> int:
@@ -272,7 +293,16 @@ def _put_tokens(
     destination: torch.Tensor, taken: torch.Tensor, order: torch.Tensor, *, accumulate: bool
 ) -> None:
     """Inverse of _take_tokens for the tokens listed in order: destination[:, :, order[:, r]]
-    = (or +=) taken[:, :, r]."""
+    = (or +=) taken[:, :, r]. destination comes from _new_like_tokens."""
+    length = destination.shape[2]
+    target, source = _token_rows(destination), _token_rows(taken)
+    if target is not None and source is not None:
+        index = _flat_index(order, length)
+        if accumulate:
+            target.index_add_(0, index, source)
+        else:
+            target.index_copy_(0, index, source)
+        return
     for sample in range(destination.shape[0]):
         if accumulate:
             destination[sample].index_add_(1, order[sample], taken[sample])

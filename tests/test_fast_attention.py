@@ -205,3 +205,14 @@ def test_no_quadratic_allocation_in_training() -> None:
     assert _largest_allocation_bytes(eager_elevation_attention, length) >= quadratic
     # ... the sorted path's largest block is the fused kernels' fixed-size scratch.
     assert _largest_allocation_bytes(sorted_elevation_attention, length) < quadratic // 4
+
+
+def test_model_qkv_layout_matches_eager() -> None:
+    # The model's q, k, v are views of one (B, N, 3, heads, head_dim) projection; tokens then move
+    # for all samples in one call, a different code path from contiguous (B, heads, N, d) inputs.
+    generator = torch.Generator().manual_seed(18)
+    qkv = torch.randn(3, 45, 3, 2, 8, generator=generator, dtype=torch.float64)
+    tensors = [*qkv.permute(2, 0, 3, 1, 4).unbind(0), torch.randn(3, 2, 45, 8).double()]
+    heights = _heights(3, 45, seed=19)
+    reference = _run(eager_elevation_attention, tensors, heights, 1.5)
+    _assert_all_close(_run(sorted_elevation_attention, tensors, heights, 1.5), reference, 1e-12)
