@@ -38,6 +38,11 @@ from topoflow_fast_attention_draft import (  # noqa: E402
 
 __all__ = ["main"]
 
+
+def sorted_path(query, key, value, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    """The sorted-token path at every size (no materialized shortcut for small problems)."""
+    return sorted_elevation_attention(query, key, value, small_problem_elements=0, **kwargs)
+
 H_SCALE_M = 1000.0
 CLAMP_MAX = 10.0
 ALPHA = 2.0
@@ -102,20 +107,20 @@ def report_exactness(length: int, heads: int, head_dim: int) -> None:
     print(f"\n== fp64 exactness vs eager (B=2, h={heads}, N={length}, d={head_dim}, "
           f"{int((heights == 0).sum())} sea-level ties) ==")  # fmt: skip
     reference = attention_with_grads(eager_elevation_attention, tensors, heights, ALPHA)
-    fast = attention_with_grads(sorted_elevation_attention, tensors, heights, ALPHA)
+    fast = attention_with_grads(sorted_path, tensors, heights, ALPHA)
     for name, diff in zip(names, max_abs_differences(fast, reference), strict=True):
         print(f"  sorted  {name:7s} max |diff| {diff:.2e}  (target <= 1e-12)")
     steep = 5.0  # alpha * range / H = 25 > clamp: the exact chunked fallback runs
     assert not clamp_is_inactive(heights, alpha=steep, h_scale=H_SCALE_M, clamp_max=CLAMP_MAX)
     reference = attention_with_grads(eager_elevation_attention, tensors, heights, steep)
-    fallback = attention_with_grads(sorted_elevation_attention, tensors, heights, steep)
+    fallback = attention_with_grads(sorted_path, tensors, heights, steep)
     worst = max(max_abs_differences(fallback, reference))
     print(f"  clamp active (alpha={steep}): fallback max |diff| over out and grads {worst:.2e}")
 
     print("\n== fp32 max |error| vs fp64 eager (same inputs) ==")
     single = tuple(t.float() for t in tensors)
     ours = max_abs_differences(
-        attention_with_grads(sorted_elevation_attention, single, heights, ALPHA),
+        attention_with_grads(sorted_path, single, heights, ALPHA),
         attention_with_grads(eager_elevation_attention, tensors, heights, ALPHA),
     )
     math_kernel = max_abs_differences(
@@ -142,7 +147,7 @@ def make_steps(length: int, heads: int, head_dim: int) -> dict[str, Callable[[],
     leaves = [t.clone().requires_grad_(True) for t in (query, key, value)]
 
     def biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return sorted_elevation_attention(
+        return sorted_path(
             q, k, v, elevation_m=heights, alpha=alpha, h_scale=h_scale, clamp_max=CLAMP_MAX
         )
 

@@ -36,6 +36,11 @@ def _inputs(batch: int, heads: int, length: int, head_dim: int, seed: int, dtype
     return [draw.to(dtype) for draw in draws]
 
 
+def _sorted_only(query, key, value, **kwargs) -> torch.Tensor:
+    """The sorted path even for these small test problems (no materialized shortcut)."""
+    return sorted_elevation_attention(query, key, value, small_problem_elements=0, **kwargs)
+
+
 def _run(function, tensors, heights, alpha_value, **kwargs) -> list[torch.Tensor]:
     """Output and grads of q, k, v, alpha of one implementation on fresh leaves."""
     query, key, value, grad_out = (t.clone().requires_grad_(i < 3) for i, t in enumerate(tensors))
@@ -62,7 +67,7 @@ def test_sorted_path_matches_eager_in_fp64(alpha_value: float) -> None:
     heights = _heights(2, 61, seed=1)
     assert clamp_is_inactive(heights, alpha=alpha_value, h_scale=H_SCALE_M, clamp_max=CLAMP_MAX)
     reference = _run(eager_elevation_attention, tensors, heights, alpha_value)
-    _assert_all_close(_run(sorted_elevation_attention, tensors, heights, alpha_value), reference,
+    _assert_all_close(_run(_sorted_only, tensors, heights, alpha_value), reference,
                       atol=1e-12)  # fmt: skip
     # alpha's gradient is not trivially zero, also at the init alpha = 0.
     assert float(reference[4].abs()) > 1e-3
@@ -71,7 +76,7 @@ def test_sorted_path_matches_eager_in_fp64(alpha_value: float) -> None:
 def test_all_tokens_at_sea_level_is_plain_attention() -> None:
     tensors = _inputs(1, 2, 33, 8, seed=2)
     heights = torch.zeros(1, 33, dtype=torch.float64)
-    fast = _run(sorted_elevation_attention, tensors, heights, 1.5)
+    fast = _run(_sorted_only, tensors, heights, 1.5)
     plain = torch.nn.functional.scaled_dot_product_attention(*tensors[:3])
     assert float((fast[0] - plain).abs().max()) <= 1e-12
     assert float(fast[4].abs()) == 0.0
@@ -82,7 +87,7 @@ def test_tiny_sequences(length: int) -> None:
     tensors = _inputs(2, 2, length, 8, seed=3)
     heights = _heights(2, length, seed=4)
     reference = _run(eager_elevation_attention, tensors, heights, 1.0)
-    _assert_all_close(_run(sorted_elevation_attention, tensors, heights, 1.0), reference, 1e-12)
+    _assert_all_close(_run(_sorted_only, tensors, heights, 1.0), reference, 1e-12)
 
 
 def test_permuting_tokens_permutes_outputs() -> None:
@@ -90,9 +95,9 @@ def test_permuting_tokens_permutes_outputs() -> None:
     heights = _heights(2, 40, seed=6)
     alpha, h_scale = torch.tensor(1.2, dtype=torch.float64), torch.tensor(H_SCALE_M).double()
     kwargs = {"alpha": alpha, "h_scale": h_scale, "clamp_max": CLAMP_MAX}
-    out = sorted_elevation_attention(query, key, value, elevation_m=heights, **kwargs)
+    out = _sorted_only(query, key, value, elevation_m=heights, **kwargs)
     permutation = torch.randperm(40, generator=torch.Generator().manual_seed(7))
-    permuted = sorted_elevation_attention(
+    permuted = _sorted_only(
         query[:, :, permutation], key[:, :, permutation], value[:, :, permutation],
         elevation_m=heights[:, permutation], **kwargs,
     )  # fmt: skip
@@ -107,7 +112,7 @@ def test_active_clamp_and_negative_alpha_fall_back_exactly(alpha_value: float) -
     heights = _heights(2, 50, seed=9)
     assert not clamp_is_inactive(heights, alpha=alpha_value, h_scale=H_SCALE_M, clamp_max=CLAMP_MAX)
     reference = _run(eager_elevation_attention, tensors, heights, alpha_value)
-    _assert_all_close(_run(sorted_elevation_attention, tensors, heights, alpha_value), reference,
+    _assert_all_close(_run(_sorted_only, tensors, heights, alpha_value), reference,
                       atol=1e-12)  # fmt: skip
     _assert_all_close(
         _run(chunked_elevation_attention, tensors, heights, alpha_value, block_size=7), reference,
@@ -132,7 +137,7 @@ def test_dropout_falls_back_with_eager_semantics() -> None:
     reference = _run(eager_elevation_attention, tensors, heights, 1.0, dropout_p=0.3)
     torch.manual_seed(123)
     _assert_all_close(
-        _run(sorted_elevation_attention, tensors, heights, 1.0, dropout_p=0.3), reference, 1e-12
+        _run(_sorted_only, tensors, heights, 1.0, dropout_p=0.3), reference, 1e-12
     )
 
 
@@ -140,7 +145,7 @@ def test_fp32_stays_close_to_fp64_eager() -> None:
     tensors = _inputs(2, 4, 128, 32, seed=12)
     heights = _heights(2, 128, seed=13)
     reference = _run(eager_elevation_attention, tensors, heights, 2.0)
-    single = _run(sorted_elevation_attention, [t.float() for t in tensors], heights, 2.0)
+    single = _run(_sorted_only, [t.float() for t in tensors], heights, 2.0)
     _assert_all_close(single, reference, atol=1e-4)
 
 
@@ -150,7 +155,7 @@ def test_inference_without_grad_matches_eager() -> None:
     kwargs = {"alpha": torch.tensor(1.0).double(), "h_scale": torch.tensor(H_SCALE_M).double(),
               "clamp_max": CLAMP_MAX}  # fmt: skip
     with torch.no_grad():
-        fast = sorted_elevation_attention(query, key, value, elevation_m=heights, **kwargs)
+        fast = _sorted_only(query, key, value, elevation_m=heights, **kwargs)
     reference = eager_elevation_attention(query, key, value, elevation_m=heights, **kwargs)
     assert float((fast - reference).abs().max()) <= 1e-12
 
@@ -174,7 +179,7 @@ def test_bfloat16_error_comparable_to_eager_in_bfloat16() -> None:
     heights = _heights(2, 64, seed=17)
     reference = _run(eager_elevation_attention, tensors, heights, 2.0)
     half = [t.bfloat16() for t in tensors]
-    fast = _run(sorted_elevation_attention, half, heights, 2.0)
+    fast = _run(_sorted_only, half, heights, 2.0)
     eager = _run(eager_elevation_attention, half, heights, 2.0)
     for got, baseline, want in zip(fast, eager, reference, strict=True):
         fast_error = float((got.double() - want).abs().max())
@@ -204,7 +209,7 @@ def test_no_quadratic_allocation_in_training() -> None:
     # The eager reference does allocate N x N (so the measurement can see it) ...
     assert _largest_allocation_bytes(eager_elevation_attention, length) >= quadratic
     # ... the sorted path's largest block is the fused kernels' fixed-size scratch.
-    assert _largest_allocation_bytes(sorted_elevation_attention, length) < quadratic // 4
+    assert _largest_allocation_bytes(_sorted_only, length) < quadratic // 4
 
 
 def test_model_qkv_layout_matches_eager() -> None:
@@ -215,4 +220,11 @@ def test_model_qkv_layout_matches_eager() -> None:
     tensors = [*qkv.permute(2, 0, 3, 1, 4).unbind(0), torch.randn(3, 2, 45, 8).double()]
     heights = _heights(3, 45, seed=19)
     reference = _run(eager_elevation_attention, tensors, heights, 1.5)
-    _assert_all_close(_run(sorted_elevation_attention, tensors, heights, 1.5), reference, 1e-12)
+    _assert_all_close(_run(_sorted_only, tensors, heights, 1.5), reference, 1e-12)
+
+
+def test_small_problems_materialize_the_bias_exactly() -> None:
+    tensors = _inputs(2, 2, 40, 8, seed=20)
+    heights = _heights(2, 40, seed=21)
+    reference = _run(eager_elevation_attention, tensors, heights, 1.0)
+    _assert_all_close(_run(sorted_elevation_attention, tensors, heights, 1.0), reference, 1e-12)
