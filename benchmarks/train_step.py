@@ -1,0 +1,169 @@
+"""Training-step throughput and peak memory: TopoFlow (elevation bias in block 0) vs the baseline.
+
+One optimizer step (forward, masked-MSE loss, backward, AdamW) on a synthetic batch whose
+elevation channel is a terrain in metres with sea-level ties. The two models alternate step by
+step (interleaved) and the medians are compared; then each model's peak extra resident memory of
+one step is measured. Sizes:
+
+    default    the `base` preset on the embedded corpus grid (32 x 64, patch 4: N = 128 tokens)
+    reference  TopoFlowConfig() itself: 128 x 256, patch 2 (N = 8192), D = 768, depth 6
+
+    python benchmarks/train_step.py                        # default size, batch 8
+    python benchmarks/train_step.py --size reference --batch 1 --steps 2
+
+Not a test: the numbers and the issue-7 target (TopoFlow >= 0.9x the baseline's samples/s at the
+default size) are printed side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import modeling_topoflow  # noqa: E402
+from configuration_topoflow import TopoFlowConfig  # noqa: E402
+from modeling_topoflow import TopoFlowForForecasting  # noqa: E402
+from topoflow.training.model_setup import CONFIG_PRESETS  # noqa: E402
+
+__all__ = ["main"]
+
+SIZES = {
+    "default": {**CONFIG_PRESETS["base"], "img_size": (32, 64)},
+    "reference": {},
+}
+
+
+def route_sdpa_to_sorted_kernel() -> bool:
+    """Send the model's `sdpa` biased branch to the sorted-token kernel, if it is not wired yet.
+
+    Until the coordinator folds topoflow_fast_attention_draft.py into modeling_topoflow.py, the
+    model's `sdpa` branch materializes a (B, 1, N, N) bias. Returns True when routing was needed.
+    """
+    if "sorted_elevation_attention" in Path(modeling_topoflow.__file__).read_text("utf-8"):
+        return False
+    from topoflow_fast_attention_draft import sorted_elevation_attention
+
+    original = modeling_topoflow.elevation_biased_attention
+
+    def routed(query, key, value, *, implementation, **kwargs):  # noqa: ANN001, ANN202
+        if implementation == "sdpa":
+            return sorted_elevation_attention(query, key, value, **kwargs)
+        return original(query, key, value, implementation=implementation, **kwargs)
+
+    modeling_topoflow.elevation_biased_attention = routed
+    return True
+
+
+def make_config(size: str, biased: bool) -> TopoFlowConfig:
+    # alpha = 2 (the paper's init) keeps the clamp inactive for terrain up to 5000 m, so the
+    # biased block runs the sorted-token path rather than its clamp fallback.
+    extra = {"elevation_bias_blocks": [0], "elevation_alpha_init": 2.0} if biased else {}
+    return TopoFlowConfig(**SIZES[size], **extra)
+
+
+def make_batch(config: TopoFlowConfig, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    """Normalized random fields whose elevation channel is a 0..5000 m terrain with sea level."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = config.img_size
+    fields = torch.randn(batch, len(config.variables), height, width, generator=generator)
+    rows = torch.linspace(0, 1, height)[:, None]
+    columns = torch.linspace(1, 0, width)[None, :]
+    terrain_m = (5000.0 * rows * columns).clamp(min=0.0)  # a plateau in one corner
+    terrain_m[:, width // 2 :] = 0.0  # sea
+    channel = config.elevation_channel
+    if channel is not None:
+        name = config.variables[channel]
+        mean, std = config.variable_mean[name], config.variable_std[name]
+        fields[:, channel] = (terrain_m - mean) / std
+    return {
+        "fields": fields,
+        "lead_time_hours": torch.full((batch,), 24.0),
+        "labels": torch.randn(
+            batch, len(config.target_variables), height, width, generator=generator
+        ),
+        "region_mask": torch.ones(batch, height, width, dtype=torch.bool),
+    }
+
+
+def make_step(model: TopoFlowForForecasting, batch: dict[str, torch.Tensor]):  # noqa: ANN201
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _resident_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def peak_extra_mib(step) -> float:  # noqa: ANN001
+    """Peak resident memory of step() above what was resident before it (Linux, glibc)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current resident size
+    before = _resident_kib("VmRSS")
+    step()
+    return (_resident_kib("VmHWM") - before) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument("--batch", type=int, default=None, help="default: 8, or 1 at reference")
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    batch_size = args.batch or (8 if args.size == "default" else 1)
+    routed = route_sdpa_to_sorted_kernel()
+    torch.manual_seed(0)
+    models = {"baseline": make_config(args.size, False), "topoflow": make_config(args.size, True)}
+    steps = {}
+    for name, config in models.items():
+        model = TopoFlowForForecasting(config)
+        steps[name] = make_step(model, make_batch(config, batch_size, seed=1))
+    config = models["topoflow"]
+    tokens = (config.img_size[0] // config.patch_size) * (config.img_size[1] // config.patch_size)
+    print(f"torch {torch.__version__}, {args.threads} threads, size {args.size} (N={tokens}, "
+          f"D={config.embed_dim}, depth {config.depth}), batch {batch_size}, attention sdpa"
+          f"{' routed to the sorted-token draft kernel' if routed else ''}")  # fmt: skip
+    for step in steps.values():
+        step()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(args.steps):
+        for name in list(steps) if repeat % 2 == 0 else reversed(list(steps)):
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    rate = {name: batch_size / statistics.median(values) for name, values in times.items()}
+    for name in steps:
+        print(f"  {name:9s} {statistics.median(times[name]):7.3f} s/step  "
+              f"{rate[name]:8.2f} samples/s")  # fmt: skip
+    print(f"  topoflow / baseline samples/s: {rate['topoflow'] / rate['baseline']:.3f} "
+          "(target >= 0.9 at the default size)")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: large blocks unmapped on free (see attention.py)
+    for name, step in steps.items():
+        print(f"  {name:9s} peak extra resident memory of a step: {peak_extra_mib(step):8.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
