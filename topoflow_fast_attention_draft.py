@@ -23,7 +23,11 @@ u's gradient needs, per token, the row sum over its biased keys and the column s
 queries that see it as a biased key of dL/dlogit: the row sum follows from the forward's part-B
 output, the column sum comes out of the key gradient of a padding head column (query 1, key 0)
 that leaves the logits unchanged. Autograd carries u's gradient on to alpha (and to z or H if they
-require grad).
+require grad; at exactly tied heights the z-gradient is a valid subgradient but not eager's
+relu'(0) = 0 choice, so only alpha's gradient is claimed equal to eager's).
+
+Small problems (at most 2**22 logits) materialize the bias and call SDPA instead: there the
+sorted path's fixed cost exceeds the N x N work.
 
 Outside the exact range of the decomposition, or with attention dropout, a chunked path over
 query blocks applies the clamp and the dropout exactly with O(N * block) memory.
