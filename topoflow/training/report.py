@@ -92,7 +92,7 @@ def plot_val_curve(path: Path, val_rows: list[dict[str, Any]], step0_loss: float
         ax.plot([r["step"] for r in full], [r["val_loss"] for r in full], "s", color="tab:red",
                 markersize=8, label="val loss (full validation split)")
     ax.axhline(step0_loss, color="gray", linestyle="--",
-               label=f"step 0 (before fine-tuning): {step0_loss:.4f}")
+               label=f"step 0 (before any update): {step0_loss:.4f}")
     ax.axhline(threshold, color="tab:green", linestyle=":",
                label=f"success threshold: {threshold:.4f}")
     ax.set_xlabel("optimizer step")
