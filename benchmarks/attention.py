@@ -29,10 +29,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from topoflow_fast_attention_draft import (  # noqa: E402
+from modeling_topoflow import (  # noqa: E402
     clamp_is_inactive,
     eager_elevation_attention,
-    elevation_bias_block,
+    elevation_bias_between,
     sorted_elevation_attention,
 )
 
@@ -88,7 +88,7 @@ def attention_with_grads(
 
 def sdpa_math_attention(query, key, value, *, elevation_m, alpha, h_scale, clamp_max):  # noqa: ANN001, ANN201
     """SDPA's math kernel with the materialized bias: the fp32 error yardstick."""
-    bias = elevation_bias_block(
+    bias = elevation_bias_between(
         elevation_m, elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max
     )
     with sdpa_kernel(SDPBackend.MATH):

@@ -29,7 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import modeling_topoflow  # noqa: E402
 from configuration_topoflow import TopoFlowConfig  # noqa: E402
 from modeling_topoflow import TopoFlowForForecasting  # noqa: E402
 from topoflow.training.model_setup import CONFIG_PRESETS  # noqa: E402
@@ -40,27 +39,6 @@ SIZES = {
     "default": {**CONFIG_PRESETS["base"], "img_size": (32, 64)},
     "reference": {},
 }
-
-
-def route_sdpa_to_sorted_kernel() -> bool:
-    """Send the model's `sdpa` biased branch to the sorted-token kernel, if it is not wired yet.
-
-    Until the coordinator folds topoflow_fast_attention_draft.py into modeling_topoflow.py, the
-    model's `sdpa` branch materializes a (B, 1, N, N) bias. Returns True when routing was needed.
-    """
-    if "sorted_elevation_attention" in Path(modeling_topoflow.__file__).read_text("utf-8"):
-        return False
-    from topoflow_fast_attention_draft import sorted_elevation_attention
-
-    original = modeling_topoflow.elevation_biased_attention
-
-    def routed(query, key, value, *, implementation, **kwargs):  # noqa: ANN001, ANN202
-        if implementation == "sdpa":
-            return sorted_elevation_attention(query, key, value, **kwargs)
-        return original(query, key, value, implementation=implementation, **kwargs)
-
-    modeling_topoflow.elevation_biased_attention = routed
-    return True
 
 
 def make_config(size: str, biased: bool) -> TopoFlowConfig:
@@ -133,7 +111,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch_size = args.batch or (8 if args.size == "default" else 1)
-    routed = route_sdpa_to_sorted_kernel()
     torch.manual_seed(0)
     models = {"baseline": make_config(args.size, False), "topoflow": make_config(args.size, True)}
     steps = {}
@@ -143,8 +120,7 @@ def main() -> None:
     config = models["topoflow"]
     tokens = (config.img_size[0] // config.patch_size) * (config.img_size[1] // config.patch_size)
     print(f"torch {torch.__version__}, {args.threads} threads, size {args.size} (N={tokens}, "
-          f"D={config.embed_dim}, depth {config.depth}), batch {batch_size}, attention sdpa"
-          f"{' routed to the sorted-token draft kernel' if routed else ''}")  # fmt: skip
+          f"D={config.embed_dim}, depth {config.depth}), batch {batch_size}, attention sdpa")
     for step in steps.values():
         step()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in steps}

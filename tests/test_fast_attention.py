@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from topoflow_fast_attention_draft import (
+from modeling_topoflow import (
     chunked_elevation_attention,
     clamp_is_inactive,
     eager_elevation_attention,
