@@ -1,0 +1,281 @@
+"""TopoFlow configuration: a ClimaX-style forecaster with elevation-biased attention.
+
+Hub remote code: this file imports only the standard library and transformers, nothing
+from `topoflow/`, so a Hub user needs torch + transformers only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import PretrainedConfig
+
+__all__ = [
+    "DEFAULT_LEAD_TIMES_HOURS",
+    "DEFAULT_TARGET_VARIABLES",
+    "DEFAULT_VARIABLES",
+    "TopoFlowConfig",
+]
+
+# The paper's 15 inputs, in the order the reference checkpoint was trained with.
+DEFAULT_VARIABLES: tuple[str, ...] = (
+    "u", "v", "temp", "rh", "psfc", "pm10", "so2", "no2", "co", "o3",
+    "lat2d", "lon2d", "pm25", "elevation", "population",
+)  # fmt: skip
+DEFAULT_TARGET_VARIABLES: tuple[str, ...] = ("pm25", "pm10", "so2", "no2", "co", "o3")
+DEFAULT_LEAD_TIMES_HOURS: tuple[int, ...] = (12, 24, 48, 96)
+
+
+class TopoFlowConfig(PretrainedConfig):
+    r"""Configuration of a TopoFlow model. `TopoFlowConfig()` alone is the paper's reference setup.
+
+    Args:
+        variables (`Sequence[str]`, defaults to the 15 `DEFAULT_VARIABLES`):
+            Input variable names, in the channel order of `fields` (`(B, V, H, W)`).
+        target_variables (`Sequence[str]`, defaults to the 6 pollutants `DEFAULT_TARGET_VARIABLES`):
+            Forecast variable names, in the channel order of `labels` and `forecast`.
+        img_size (`Sequence[int]`, defaults to `(128, 256)`):
+            Grid height and width in cells (H, W). Both must be divisible by `patch_size`.
+        patch_size (`int`, defaults to 2):
+            Side of a square patch in grid cells; one token per patch.
+        embed_dim (`int`, defaults to 768):
+            Token width D. Must be divisible by `num_heads`.
+        depth (`int`, defaults to 6):
+            Number of transformer blocks.
+        num_heads (`int`, defaults to 8):
+            Attention heads per block (also used by the variable-aggregation cross-attention).
+        mlp_ratio (`float`, defaults to 4.0):
+            Hidden width of each block's MLP, as a multiple of `embed_dim`.
+        decoder_depth (`int`, defaults to 2):
+            Hidden layers of the prediction head: `decoder_depth` x (Linear(D, D) + GELU), then
+            Linear(D, len(target_variables) * patch_size**2). 2 gives the checkpoint's 3 Linear
+            layers.
+        drop_path (`float`, defaults to 0.1):
+            Maximum stochastic-depth rate, increased linearly from 0 over the blocks (as ClimaX).
+        drop_rate (`float`, defaults to 0.1):
+            Dropout after the embeddings, after each attention projection and inside each MLP.
+        attention_dropout (`float`, defaults to 0.0):
+            Dropout on the attention probabilities (ClimaX uses none).
+        lead_times_hours (`Sequence[int]`, defaults to `(12, 24, 48, 96)`):
+            Lead times (hours) the model is trained and evaluated for. The model itself accepts any
+            positive lead; this list tells the data pipeline and the model card what was used.
+        elevation_bias_blocks (`Sequence[int]`, defaults to `()`):
+            Indices (0..depth-1) of the blocks whose attention gets the elevation bias.
+            Empty = the baseline.
+        elevation_scale (`float`, defaults to 1000.0):
+            H_scale in metres: the height difference that costs `elevation_alpha` logits.
+        elevation_alpha_init (`float`, defaults to 0.0):
+            Initial value of each biased block's learnable `elevation_alpha`. 0 leaves the function
+            of a baseline checkpoint unchanged at step 0; the paper used 2.0.
+        elevation_bias_clamp (`float`, defaults to 10.0):
+            The bias is clamped to [-elevation_bias_clamp, 0] logits.
+        elevation_variable (`str` or `None`, defaults to `"elevation"`):
+            Input channel holding the terrain elevation (normalized like every input). When it is
+            None or not among `variables`, `forward` needs `elevation=` (metres) if bias blocks
+            are set.
+        variable_mean (`Mapping[str, float]`, defaults to 0.0 for every variable):
+            Mean used to normalize each input and target variable, in its physical unit.
+        variable_std (`Mapping[str, float]`, defaults to 1.0 for every variable):
+            Standard deviation used to normalize each variable (> 0). With the defaults the
+            elevation channel is already in metres.
+        variable_units (`Mapping[str, str]`, *optional*):
+            Physical unit of each variable (e.g. `{"pm25": "ug/m3", "elevation": "m"}`).
+        grid (`Mapping[str, float]`, *optional*):
+            Description of the grid: `lat_min`, `lat_max`, `lon_min`, `lon_max` (degrees),
+            `resolution_deg`.
+        region_mask_description (`str`, *optional*):
+            What the `region_mask` of the training corpus selects (e.g. "land cells inside China").
+        corpus (`Mapping[str, Any]`, *optional*):
+            Name and provenance of the training corpus (generator or converter, parameters,
+            version).
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the truncated normal used for Linear and patch-embedding weights.
+    """
+
+    model_type = "topoflow"
+
+    def __init__(
+        self,
+        variables: Sequence[str] = DEFAULT_VARIABLES,
+        target_variables: Sequence[str] = DEFAULT_TARGET_VARIABLES,
+        img_size: Sequence[int] = (128, 256),
+        patch_size: int = 2,
+        embed_dim: int = 768,
+        depth: int = 6,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        decoder_depth: int = 2,
+        drop_path: float = 0.1,
+        drop_rate: float = 0.1,
+        attention_dropout: float = 0.0,
+        lead_times_hours: Sequence[int] = DEFAULT_LEAD_TIMES_HOURS,
+        elevation_bias_blocks: Sequence[int] = (),
+        elevation_scale: float = 1000.0,
+        elevation_alpha_init: float = 0.0,
+        elevation_bias_clamp: float = 10.0,
+        elevation_variable: str | None = "elevation",
+        variable_mean: Mapping[str, float] | None = None,
+        variable_std: Mapping[str, float] | None = None,
+        variable_units: Mapping[str, str] | None = None,
+        grid: Mapping[str, float] | None = None,
+        region_mask_description: str | None = None,
+        corpus: Mapping[str, Any] | None = None,
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        # Lists, not tuples: config.json stores lists, and a loaded config must equal a fresh one.
+        self.variables = list(variables)
+        self.target_variables = list(target_variables)
+        self.img_size = [int(size) for size in img_size]
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.decoder_depth = decoder_depth
+        self.drop_path = drop_path
+        self.drop_rate = drop_rate
+        self.attention_dropout = attention_dropout
+        self.lead_times_hours = list(lead_times_hours)
+        self.elevation_bias_blocks = sorted(int(index) for index in elevation_bias_blocks)
+        self.elevation_scale = float(elevation_scale)
+        self.elevation_alpha_init = float(elevation_alpha_init)
+        self.elevation_bias_clamp = float(elevation_bias_clamp)
+        self.elevation_variable = elevation_variable
+        all_names = dict.fromkeys([*self.variables, *self.target_variables])
+        self.variable_mean = (
+            {name: 0.0 for name in all_names} if variable_mean is None else dict(variable_mean)
+        )
+        self.variable_std = (
+            {name: 1.0 for name in all_names} if variable_std is None else dict(variable_std)
+        )
+        self.variable_units = None if variable_units is None else dict(variable_units)
+        self.grid = None if grid is None else dict(grid)
+        self.region_mask_description = region_mask_description
+        self.corpus = None if corpus is None else dict(corpus)
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        self.check_topoflow()
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patches along (height, width)."""
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per sample, N."""
+        height, width = self.grid_size
+        return height * width
+
+    @property
+    def elevation_channel(self) -> int | None:
+        """Index of the elevation input channel, or None when the inputs carry no elevation."""
+        if self.elevation_variable is None or self.elevation_variable not in self.variables:
+            return None
+        return self.variables.index(self.elevation_variable)
+
+    def validate(self) -> None:
+        # transformers runs `validate()` before saving; ours adds the TopoFlow checks so a config
+        # edited after construction (e.g. `from_pretrained(..., elevation_bias_blocks=[9])`, which
+        # transformers applies with setattr) cannot be saved or built into a model silently broken.
+        super().validate()
+        self.check_topoflow()
+
+    def check_topoflow(self) -> None:
+        """Raise `ValueError` naming the field at fault if the TopoFlow fields are inconsistent."""
+        self._check_names()
+        self._check_geometry()
+        self._check_elevation()
+        self._check_statistics()
+
+    def _check_names(self) -> None:
+        for field in ("variables", "target_variables"):
+            names = list(getattr(self, field))
+            if not names:
+                raise ValueError(f"TopoFlowConfig.{field} is empty; expected at least one name.")
+            duplicates = sorted({name for name in names if names.count(name) > 1})
+            if duplicates:
+                raise ValueError(f"TopoFlowConfig.{field} has duplicate names {duplicates}.")
+        if any(hours <= 0 for hours in self.lead_times_hours):
+            raise ValueError(
+                f"TopoFlowConfig.lead_times_hours must be positive, got {self.lead_times_hours}."
+            )
+
+    def _check_geometry(self) -> None:
+        for field in ("patch_size", "embed_dim", "depth", "num_heads"):
+            if int(getattr(self, field)) < 1:
+                raise ValueError(
+                    f"TopoFlowConfig.{field} must be >= 1, got {getattr(self, field)}."
+                )
+        if self.decoder_depth < 0:
+            raise ValueError(
+                f"TopoFlowConfig.decoder_depth must be >= 0, got {self.decoder_depth}."
+            )
+        if len(self.img_size) != 2 or any(size % self.patch_size for size in self.img_size):
+            raise ValueError(
+                f"TopoFlowConfig.img_size must be (H, W) divisible by "
+                f"patch_size={self.patch_size}, "
+                f"got {self.img_size}."
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"TopoFlowConfig.embed_dim={self.embed_dim} is not divisible by "
+                f"num_heads={self.num_heads}."
+            )
+        for field in ("drop_path", "drop_rate", "attention_dropout"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                raise ValueError(
+                    f"TopoFlowConfig.{field} must be in [0, 1), got {getattr(self, field)}."
+                )
+
+    def _check_elevation(self) -> None:
+        blocks = list(self.elevation_bias_blocks)
+        bad = [index for index in blocks if not 0 <= int(index) < self.depth]
+        if bad:
+            raise ValueError(
+                f"TopoFlowConfig.elevation_bias_blocks {bad} out of range: blocks are "
+                f"0..{self.depth - 1} (depth={self.depth})."
+            )
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"TopoFlowConfig.elevation_bias_blocks has duplicates: {blocks}.")
+        if not (math.isfinite(self.elevation_scale) and self.elevation_scale > 0):
+            raise ValueError(
+                f"TopoFlowConfig.elevation_scale (H_scale, metres) must be > 0, got "
+                f"{self.elevation_scale}."
+            )
+        if not self.elevation_bias_clamp >= 0:
+            raise ValueError(
+                f"TopoFlowConfig.elevation_bias_clamp must be >= 0, got "
+                f"{self.elevation_bias_clamp}."
+            )
+        if not math.isfinite(self.elevation_alpha_init):
+            raise ValueError(
+                f"TopoFlowConfig.elevation_alpha_init must be finite, got "
+                f"{self.elevation_alpha_init}."
+            )
+
+    def _check_statistics(self) -> None:
+        needed = list(dict.fromkeys([*self.variables, *self.target_variables]))
+        for field in ("variable_mean", "variable_std"):
+            stats = getattr(self, field)
+            missing = [name for name in needed if name not in stats]
+            if missing:
+                raise ValueError(
+                    f"TopoFlowConfig.{field} has no entry for {missing}; it must cover every input "
+                    f"and target variable."
+                )
+            not_finite = [name for name in needed if not math.isfinite(float(stats[name]))]
+            if not_finite:
+                raise ValueError(f"TopoFlowConfig.{field} is not finite for {not_finite}.")
+        not_positive = [name for name in needed if not float(self.variable_std[name]) > 0]
+        if not_positive:
+            raise ValueError(
+                f"TopoFlowConfig.variable_std must be > 0, got <= 0 for {not_positive}."
+            )
+
+
+# `save_pretrained` then records `AutoConfig` in config.json's auto_map and copies this file.
+TopoFlowConfig.register_for_auto_class()

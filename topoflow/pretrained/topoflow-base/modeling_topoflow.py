@@ -1,0 +1,1229 @@
+"""TopoFlow: a ClimaX-style Vision Transformer for air-quality forecasting whose attention can be
+biased by terrain elevation.
+
+The file reads in the order data flows: elevation bias and attention kernels, embeddings, attention,
+block, PreTrainedModel, TopoFlowModel (encoder), TopoFlowForForecasting (head + loss).
+
+Hub remote code: imports torch and transformers only (never `topoflow/`, datasets or accelerate).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+try:
+    from .configuration_topoflow import TopoFlowConfig
+except ImportError:
+    from configuration_topoflow import TopoFlowConfig
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "TopoFlowForForecasting",
+    "TopoFlowForecastOutput",
+    "TopoFlowModel",
+    "TopoFlowModelOutput",
+    "TopoFlowPreTrainedModel",
+    "chunked_elevation_attention",
+    "clamp_is_inactive",
+    "eager_elevation_attention",
+    "elevation_bias_between",
+    "elevation_bias_matrix",
+    "sorted_elevation_attention",
+    "elevation_biased_attention",
+    "masked_mse",
+    "patch_mean_elevation",
+    "plain_attention",
+    "sincos_position_embedding_2d",
+    "sincos_embedding_1d",
+]
+
+# transformers' names for the attention kernels this model implements.
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+
+# ClimaX feeds lead times as hours / 100; checkpoints converted from ClimaX rely on the same scale.
+LEAD_TIME_SCALE_HOURS = 100.0
+
+
+def elevation_bias_between(
+    query_elevation_m: torch.Tensor,
+    key_elevation_m: torch.Tensor,
+    *,
+    alpha: torch.Tensor | float,
+    h_scale: torch.Tensor | float,
+    clamp_max: float,
+) -> torch.Tensor:
+    """The elevation bias between queries and keys: (B, Nq), (B, Nk) metres -> (B, Nq, Nk).
+
+    B[b, i, j] = clamp(-alpha * ReLU((z_j - z_i) / H_scale), -clamp_max, 0): i is the query
+    (receiver) and j the key (source), so attending to a higher source is penalized. Computed in at
+    least float32 (bf16 heights would round 1000 m steps), in float64 for float64 inputs.
+    """
+    dtype = torch.promote_types(query_elevation_m.dtype, torch.float32)
+    alpha = torch.as_tensor(alpha, dtype=dtype, device=query_elevation_m.device)
+    h_scale = torch.as_tensor(h_scale, dtype=dtype, device=query_elevation_m.device)
+    rise = key_elevation_m.to(dtype)[:, None, :] - query_elevation_m.to(dtype)[:, :, None]
+    rise = rise / h_scale
+    return torch.clamp(-alpha * torch.relu(rise), min=-clamp_max, max=0.0)  # (B, Nq, Nk)
+
+
+def elevation_bias_matrix(
+    elevation_m: torch.Tensor,
+    *,
+    alpha: torch.Tensor | float,
+    h_scale: torch.Tensor | float,
+    clamp_max: float,
+) -> torch.Tensor:
+    """The (B, N, N) elevation bias among the tokens of `elevation_m` (B, N) metres per patch."""
+    return elevation_bias_between(
+        elevation_m, elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max
+    )
+
+
+def _eager_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    """The readable reference: builds the (B, heads, N, N) scores explicitly."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * query.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias[:, None].to(scores.dtype)  # shared by all heads
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    return torch.matmul(probs, value)
+
+
+# Exact elevation-biased attention in O(N) memory (the `sdpa` path of biased blocks).
+#
+# The bias of DESIGN.md section 3, shared by all heads and added to the logits q.k/sqrt(d),
+#
+#     B[b, i, j] = clamp(-alpha * relu((z[b, j] - z[b, i]) / H), -clamp_max, 0)    (i query, j key)
+#
+# has exact structure once the tokens are sorted by elevation z. With u = alpha * z / H and the
+# clamp inactive (alpha >= 0, H > 0, alpha * (max z - min z) / H <= clamp_max), a key ranked at
+# or below its query costs nothing and a key ranked above costs u_i - u_j. Sorting tokens by
+# *descending* z turns the biased keys into a causal pattern (rank j <= rank i; the diagonal and
+# tied heights get u_i - u_j = 0, which is still exact), and the unbiased keys into a strictly
+# causal pattern in the ascending order. So biased attention is two causal calls of the fused
+# kernel, merged by their log-sum-exp:
+#
+#     part B (descending order, causal, diagonal included): logits s_ij - u_j, key-only bias given
+#         to the kernel as a broadcast (B, 1, 1, N) mask; +u_i is constant per row, so it is
+#         added to part B's log-sum-exp afterwards instead of to every logit.
+#     part A (ascending order, strictly causal): plain logits s_ij.
+#
+# The backward calls the fused backward kernel of each part with the *merged* output and
+# log-sum-exp (each part's probabilities are then the merged softmax's), and sums the gradients.
+# u's gradient needs, per token, the row sum over its biased keys and the column sum over the
+# queries that see it as a biased key of dL/dlogit: the row sum follows from the forward's part-B
+# output, the column sum comes out of the key gradient of a padding head column (query 1, key 0)
+# that leaves the logits unchanged. Autograd carries u's gradient on to alpha (and to z or H if they
+# require grad; at exactly tied heights the z-gradient is a valid subgradient but not eager's
+# relu'(0) = 0 choice, so only alpha's gradient is claimed equal to eager's).
+#
+# Small problems (at most 2**22 logits) materialize the bias and call SDPA instead: there the
+# sorted path's fixed cost exceeds the N x N work.
+#
+# Outside the exact range of the decomposition, or with attention dropout, a chunked path over
+# query blocks applies the clamp and the dropout exactly with O(N * block) memory.
+#
+# Kernels: on CPU torch's flash kernel (`_scaled_dot_product_flash_attention_for_cpu` and its
+# backward, which accept a broadcast per-key mask and any out/log-sum-exp); on CUDA the
+# memory-efficient kernel (`_efficient_attention_forward/backward`), written but never run (no GPU
+# on the development machine). Other devices take the chunked path.
+
+# Logit elements (batch x heads x queries x keys) of one query block of the chunked fallback;
+# 2**24 float32 logits are 64 MiB.
+_CHUNK_LOGIT_ELEMENTS = 2**24
+# Up to this many logits (16 MiB in fp32) the bias is materialized: see sorted_elevation_attention.
+_SMALL_PROBLEM_ELEMENTS = 2**22
+
+
+def _softmax_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor,
+    dropout_p: float,
+) -> torch.Tensor:
+    """Eager softmax(q.k/sqrt(d) + bias) v with dropout on the probabilities; bias (B, Nq, Nk)."""
+    logits = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])  # (B, h, Nq, Nk)
+    probabilities = torch.softmax(logits + bias[:, None].to(logits.dtype), dim=-1)
+    if dropout_p > 0:
+        probabilities = F.dropout(probabilities, p=dropout_p, training=True)
+    return probabilities @ value
+
+
+def eager_elevation_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    elevation_m: torch.Tensor,
+    alpha: torch.Tensor,
+    h_scale: torch.Tensor,
+    clamp_max: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Reference: materializes the (B, N, N) bias. For tests and small N only."""
+    bias = elevation_bias_between(
+        elevation_m, elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max
+    )
+    return _softmax_attention(query, key, value, bias, dropout_p)
+
+
+def chunked_elevation_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    elevation_m: torch.Tensor,
+    alpha: torch.Tensor,
+    h_scale: torch.Tensor,
+    clamp_max: float,
+    dropout_p: float = 0.0,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Exact for every alpha, H and clamp, with dropout: eager math one query block at a time.
+
+    Each block is checkpointed, so training keeps only the block outputs and recomputes the
+    (B, heads, block, N) probabilities in the backward (the checkpoint replays the dropout mask
+    from the saved RNG state). Memory O(N * block), time about that of SDPA's math kernel.
+    """
+    batch, heads, length, _ = query.shape
+    if block_size is None:
+        block_size = max(16, _CHUNK_LOGIT_ELEMENTS // max(1, batch * heads * length))
+    needs_graph = torch.is_grad_enabled() and any(
+        tensor.requires_grad for tensor in (query, key, value, elevation_m, alpha, h_scale)
+    )
+    blocks = []
+    for start in range(0, length, block_size):
+        stop = min(start + block_size, length)
+        arguments = (query[:, :, start:stop], key, value, elevation_m[:, start:stop], elevation_m,
+                     alpha, h_scale, clamp_max, dropout_p)  # fmt: skip
+        if needs_graph:
+            blocks.append(checkpoint(_chunk, *arguments, use_reentrant=False))
+        else:
+            blocks.append(_chunk(*arguments))
+    return torch.cat(blocks, dim=2)
+
+
+def _chunk(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_elevation_m: torch.Tensor,
+    key_elevation_m: torch.Tensor,
+    alpha: torch.Tensor,
+    h_scale: torch.Tensor,
+    clamp_max: float,
+    dropout_p: float,
+) -> torch.Tensor:
+    bias = elevation_bias_between(
+        query_elevation_m, key_elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max
+    )
+    return _softmax_attention(query, key, value, bias, dropout_p)
+
+
+def clamp_is_inactive(
+    elevation_m: torch.Tensor,
+    *,
+    alpha: torch.Tensor | float,
+    h_scale: torch.Tensor | float,
+    clamp_max: float,
+) -> bool:
+    """True when the clamp changes no bias value, so the sorted decomposition is exact.
+
+    That needs alpha >= 0 (for alpha < 0 the clamp at 0 zeroes the whole bias), H > 0, and the
+    largest bias magnitude alpha * (max z - min z) / H of every sample within clamp_max (at equality
+    the clamp is the identity and passes gradients, as torch.clamp does). Reads alpha: one device
+    synchronization per call on GPU.
+    """
+    alpha_value = float(alpha.detach()) if isinstance(alpha, torch.Tensor) else float(alpha)
+    h_value = float(h_scale.detach()) if isinstance(h_scale, torch.Tensor) else float(h_scale)
+    if not (alpha_value >= 0 and h_value > 0 and math.isfinite(alpha_value)):
+        return False
+    if elevation_m.numel() == 0 or alpha_value == 0:
+        return True
+    detached = elevation_m.detach()
+    height_range = float((detached.amax(dim=-1) - detached.amin(dim=-1)).max())
+    return alpha_value * height_range / h_value <= clamp_max
+
+
+def sorted_elevation_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    elevation_m: torch.Tensor,
+    alpha: torch.Tensor,
+    h_scale: torch.Tensor,
+    clamp_max: float,
+    dropout_p: float = 0.0,
+    small_problem_elements: int = _SMALL_PROBLEM_ELEMENTS,
+) -> torch.Tensor:
+    """Elevation-biased attention, exact, O(N) memory; (B, heads, N, head_dim) in and out.
+
+    elevation_m: (B, N) metres per token; alpha, h_scale: 0-dim tensors (or floats). Uses the
+    sorted-token fused kernels when the clamp is inactive and dropout_p == 0 on CPU or CUDA (the
+    CUDA branch is untested: no GPU was available), else the chunked exact path. Problems of at
+    most small_problem_elements logits (B x heads x N x N) materialize the bias and call SDPA:
+    there the sorted path's fixed cost (sorting, two kernel calls, merging) exceeds the N x N
+    work (at the default model size, N = 128, it was 1.5x slower). Pass 0 to force the sorted path.
+    """
+    _check_shapes(query, key, value, elevation_m)
+    batch, heads, length, _ = query.shape
+    if batch * heads * length * length <= small_problem_elements:
+        bias = elevation_bias_matrix(
+            elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max
+        )
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias[:, None].to(query.dtype), dropout_p=dropout_p
+        )
+    if (
+        dropout_p > 0
+        or query.device.type not in _FUSED_DEVICES
+        or not clamp_is_inactive(elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max)
+    ):
+        return chunked_elevation_attention(
+            query, key, value, elevation_m=elevation_m, alpha=alpha, h_scale=h_scale,
+            clamp_max=clamp_max, dropout_p=dropout_p,
+        )  # fmt: skip
+    bias_dtype = torch.promote_types(query.dtype, torch.float32)
+    heights = elevation_m.to(bias_dtype)
+    # Measuring u from each sample's lowest token keeps u in [0, clamp_max]; only differences of u
+    # enter the logits, so the offset changes nothing but the rounding.
+    alpha = torch.as_tensor(alpha, device=query.device).to(bias_dtype)
+    relative = heights - heights.amin(dim=-1, keepdim=True)
+    token_bias = alpha * relative / torch.as_tensor(h_scale, device=query.device)
+    with torch.no_grad():
+        order = torch.argsort(heights, dim=-1, descending=True, stable=True)  # (B, N)
+    return _SortedElevationAttention.apply(query, key, value, token_bias, order)
+
+
+def _check_shapes(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, elevation_m: torch.Tensor
+) -> None:
+    if query.dim() != 4 or key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(
+            "sorted_elevation_attention expects query, key and value of one shape (B, heads, N, "
+            f"head_dim); got query {tuple(query.shape)}, key {tuple(key.shape)}, "
+            f"value {tuple(value.shape)}."
+        )
+    batch, _, length, _ = query.shape
+    if tuple(elevation_m.shape) != (batch, length):
+        raise ValueError(
+            f"elevation_m must be (B, N) = ({batch}, {length}) metres per token; "
+            f"got {tuple(elevation_m.shape)}."
+        )
+
+
+def _token_rows(tokens: torch.Tensor) -> torch.Tensor | None:
+    """(B, h, N, d) as a (B * N, h, d) view when its memory allows, else None."""
+    rows = tokens.transpose(1, 2)
+    try:
+        return rows.view(-1, *rows.shape[2:])
+    except RuntimeError:
+        return None
+
+
+def _flat_index(order: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, M) token indices -> (B * M,) row indices into (B * N, ...) rows."""
+    offsets = torch.arange(order.shape[0], device=order.device)[:, None] * length
+    return (order + offsets).reshape(-1)
+
+
+def _take_tokens(
+    tokens: torch.Tensor,
+    order: torch.Tensor,
+    *,
+    padded_width: int | None = None,
+    first_pad: float = 0.0,
+) -> torch.Tensor:
+    """(B, h, N, d) reordered along N: out[:, :, r] = tokens[:, :, order[:, r]].
+
+    With padded_width, the result is (B, h, N, padded_width): column d holds first_pad and the
+    rest of the padding 0. The result is laid out (B, N, h, width) in memory like the model's
+    fused qkv projection and the CPU kernel's gradients, so all samples move in one call.
+    """
+    batch, heads, length, dim = tokens.shape
+    width = dim if padded_width is None else padded_width
+    taken = tokens.new_empty(batch, length, heads, width)
+    rows = _token_rows(tokens)
+    if rows is not None:
+        destination = taken.view(batch * length, heads, width)[..., :dim]
+        torch.index_select(rows, 0, _flat_index(order, length), out=destination)
+    else:
+        for sample in range(batch):
+            destination = taken[sample].transpose(0, 1)[..., :dim]
+            torch.index_select(tokens[sample], 1, order[sample], out=destination)
+    if width > dim:
+        taken[..., dim + 1 :] = 0.0
+        taken[..., dim] = first_pad
+    return taken.transpose(1, 2)
+
+
+def _padded_width(dim: int) -> int:
+    """Head width with one spare column, rounded up to a multiple of 8: the CPU kernel's backward
+    runs about 30% slower at d = 97 than at 96, but only about 9% slower at 104."""
+    return (dim + 1 + 7) // 8 * 8
+
+
+def _put_tokens(
+    destination: torch.Tensor, taken: torch.Tensor, order: torch.Tensor, *, accumulate: bool
+) -> None:
+    """Inverse of _take_tokens for the tokens listed in order: destination[:, :, order[:, r]]
+    = (or +=) taken[:, :, r]. destination comes from _new_like_tokens."""
+    length = destination.shape[2]
+    target, source = _token_rows(destination), _token_rows(taken)
+    if target is not None and source is not None:
+        index = _flat_index(order, length)
+        if accumulate:
+            target.index_add_(0, index, source)
+        else:
+            target.index_copy_(0, index, source)
+        return
+    for sample in range(destination.shape[0]):
+        if accumulate:
+            destination[sample].index_add_(1, order[sample], taken[sample])
+        else:
+            destination[sample].index_copy_(1, order[sample], taken[sample])
+
+
+def _new_like_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, dim = tokens.shape
+    return tokens.new_empty(batch, length, heads, dim).transpose(1, 2)
+
+
+def _row_dot(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row dot product over the head dimension, accumulated in dtype: (B, h, N)."""
+    return (first.to(dtype) * second.to(dtype)).sum(dim=-1)
+
+
+_FUSED_DEVICES = ("cpu", "cuda")
+# The CUDA memory-efficient kernel pads its log-sum-exp rows to a multiple of this.
+_CUDA_LSE_ALIGNMENT = 32
+_CAUSAL_FROM_TOP_LEFT = 1  # custom_mask_type of the CUDA memory-efficient kernel
+
+
+def _fused_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    key_bias: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal fused attention (key j <= query i) plus a per-key logit bias (B, 1, 1, N).
+
+    Returns (out (B, h, L, d), log-sum-exp (B, h, L)). CPU: the flash kernel. CUDA: the
+    memory-efficient kernel, which takes a bias and returns the log-sum-exp; written against
+    torch 2.13's op schema but never run here (no GPU on the development machine).
+    """
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, True, attn_mask=key_bias, scale=scale
+        )
+    batch, heads, length, _ = query.shape
+    bias = None if key_bias is None else key_bias.to(query.dtype).expand(-1, heads, length, -1)
+    # The CUDA op takes (B, L, h, d): our tensors are stored that way, so these are views.
+    out, lse, *_ = torch.ops.aten._efficient_attention_forward(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), bias, None, None,
+        None, None, 0.0, _CAUSAL_FROM_TOP_LEFT, True, scale=scale,
+    )  # fmt: skip
+    return out.transpose(1, 2), lse[..., :length]
+
+
+def _fused_backward(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    logsumexp: torch.Tensor,
+    *,
+    key_bias: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of _fused_forward given any (out, log-sum-exp): (grad q, grad k, grad v)."""
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, query, key, value, out, logsumexp, 0.0, True, attn_mask=key_bias,
+            scale=scale,
+        )  # fmt: skip
+    batch, heads, length, _ = query.shape
+    padded = -(-length // _CUDA_LSE_ALIGNMENT) * _CUDA_LSE_ALIGNMENT
+    lse = logsumexp.new_zeros(batch, heads, padded)
+    lse[..., :length] = logsumexp
+    bias = None if key_bias is None else key_bias.to(query.dtype).expand(-1, heads, length, -1)
+    unused_rng = torch.zeros((), dtype=torch.int64, device=query.device)  # dropout is 0
+    grad_q, grad_k, grad_v, _ = torch.ops.aten._efficient_attention_backward(
+        grad_out.transpose(1, 2), query.transpose(1, 2), key.transpose(1, 2),
+        value.transpose(1, 2), bias, out.transpose(1, 2), None, None, length, key.shape[2], lse,
+        0.0, unused_rng, unused_rng, _CAUSAL_FROM_TOP_LEFT, False, scale=scale,
+    )  # fmt: skip
+    return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2)
+
+
+class _SortedElevationAttention(torch.autograd.Function):
+    """Attention with logits q.k/sqrt(d) + (u_i - u_j if z_j > z_i else 0); see the module doc.
+
+    Inputs: query/key/value (B, h, N, d), token_bias u (B, N), order (B, N) = tokens by descending
+    elevation. Working tensors are in that descending order ("down", part B) or its reverse
+    ("up", part A). Part B's tensors carry the padded head dimension (query column d = 1, other
+    padding 0) from the start, so the backward reuses them; the forward reads them without it.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, token_bias, order):  # noqa: ANN001, ANN205
+        length, dim = query.shape[2], query.shape[3]
+        scale = dim**-0.5
+        width = _padded_width(dim)
+        q_x = _take_tokens(query, order, padded_width=width, first_pad=1.0)
+        k_x = _take_tokens(key, order, padded_width=width)
+        v_x = _take_tokens(value, order, padded_width=width)
+        u_down = token_bias.gather(1, order)  # (B, N)
+        # At least fp32: in bf16 a bias of up to clamp_max logits would lose ~0.03 to rounding.
+        key_bias = (-u_down)[:, None, None, :]  # (B, 1, 1, N)
+        out_b, lse_b = _fused_forward(
+            q_x[..., :dim], k_x[..., :dim], v_x[..., :dim], key_bias=key_bias, scale=scale
+        )
+        lse_b = lse_b + u_down[:, None, :].to(lse_b.dtype)  # the +u_i of every part-B logit
+        result = _new_like_tokens(query)
+        q_up = k_up = v_up = None
+        if length == 1:
+            lse = lse_b
+        else:
+            order_up = order.flip(-1)
+            q_up, k_up, v_up = (_take_tokens(t, order_up) for t in (query, key, value))
+            out_a, lse_a = _fused_forward(
+                q_up[:, :, 1:], k_up[:, :, :-1], v_up[:, :, :-1], key_bias=None, scale=scale
+            )
+            # Part A's rows are ascending ranks 1..N-1, i.e. descending positions N-2..0.
+            lse = lse_b.clone()
+            lse[..., :-1] = torch.logaddexp(lse_b[..., :-1], lse_a.flip(-1))
+        weight_b = torch.exp(lse_b - lse)  # part B's share of each row's softmax mass
+        out_b.mul_(weight_b.to(out_b.dtype)[..., None])
+        _put_tokens(result, out_b, order, accumulate=False)
+        if length > 1:
+            out_a.mul_(torch.exp(lse_a - lse.flip(-1)[..., 1:]).to(out_a.dtype)[..., None])
+            _put_tokens(result, out_a, order_up[:, 1:], accumulate=True)
+        # The ascending copies are kept (3 x (B, h, N, d)) rather than rebuilt in the backward.
+        ctx.save_for_backward(
+            q_x, k_x, v_x, q_up, k_up, v_up, u_down, order, result, lse, out_b, weight_b
+        )
+        ctx.scale = scale
+        return result
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):  # noqa: ANN001, ANN205
+        q_x, k_x, v_x, q_up, k_up, v_up, u_down, order, result, lse, out_b, weight_b = (
+            ctx.saved_tensors
+        )
+        scale, length, dim, width = ctx.scale, *result.shape[2:], q_x.shape[3]
+        g_x = _take_tokens(grad_output, order, padded_width=width)
+        o_x = _take_tokens(result, order, padded_width=width)
+        key_bias = (-u_down)[:, None, None, :]
+        # With the padding (query column d = 1, key padding 0) the logits are unchanged and
+        # grad_key[..., d] = scale * sum_i dL/dlogit_ij: the column sums u_j's gradient needs.
+        dq_x, dk_x, dv_x = _fused_backward(
+            g_x, q_x, k_x, v_x, o_x, lse - u_down[:, None, :].to(lse.dtype), key_bias=key_bias,
+            scale=scale,
+        )  # fmt: skip
+        column_sum = dk_x[..., dim].to(lse.dtype).sum(dim=1) / scale  # (B, N)
+        # Row sums over part B: sum_j P_ij (dO_i.v_j - D_i) = dO_i.(w_i out_b_i) - w_i D_i, with
+        # w_i part B's share of row i (out_b was saved already scaled by it), D_i = dO_i.out_i.
+        delta = _row_dot(g_x, o_x, lse.dtype)
+        row_sum = (_row_dot(g_x[..., :dim], out_b, lse.dtype) - weight_b * delta).sum(dim=1)
+        grads = [_new_like_tokens(g_x[..., :dim]) for _ in range(3)]
+        for grad, part_b in zip(grads, (dq_x, dk_x, dv_x), strict=True):
+            _put_tokens(grad, part_b[..., :dim], order, accumulate=False)
+        if length > 1:
+            order_up = order.flip(-1)
+            g_up, o_up = (t[..., :dim].flip(2) for t in (g_x, o_x))
+            dq_a, dk_a, dv_a = _fused_backward(
+                g_up[:, :, 1:], q_up[:, :, 1:], k_up[:, :, :-1], v_up[:, :, :-1], o_up[:, :, 1:],
+                lse.flip(-1)[..., 1:], key_bias=None, scale=scale,
+            )  # fmt: skip
+            _put_tokens(grads[0], dq_a, order_up[:, 1:], accumulate=True)
+            _put_tokens(grads[1], dk_a, order_up[:, :-1], accumulate=True)
+            _put_tokens(grads[2], dv_a, order_up[:, :-1], accumulate=True)
+        du_down = row_sum - column_sum  # (B, N)
+        du = torch.empty_like(du_down).scatter_(1, order, du_down)
+        return (*grads, du.to(u_down.dtype), None)
+
+
+_compiled_flex_attention: Callable[..., torch.Tensor] | None = None
+
+
+def _flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod: Callable[..., torch.Tensor] | None,
+) -> torch.Tensor:
+    """FlexAttention, compiled on CUDA (where it is fused) and unfused elsewhere (CPU tests)."""
+    global _compiled_flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not query.is_cuda:
+        return flex_attention(query, key, value, score_mod=score_mod)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention(query, key, value, score_mod=score_mod)
+
+
+def _flex_elevation_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    elevation_m: torch.Tensor,
+    alpha: torch.Tensor,
+    h_scale: torch.Tensor,
+    clamp_max: float,
+) -> torch.Tensor:
+    """FlexAttention whose score_mod computes the bias from per-token heights on the fly.
+
+    Capturing u = alpha * z / H_scale and using ReLU(u_j - u_i) would be wrong twice: ReLU'(0) = 0
+    gives alpha no gradient at its default init 0, and for alpha < 0 the sign flips. So the
+    score_mod captures the heights z / H_scale (no gradient) and alpha as a (B,) vector, never a
+    0-dim tensor (FlexAttention mishandles gradients into 0-dim captured tensors); autograd then
+    sums the (B,) gradient back into the scalar parameter.
+    """
+    heights = (elevation_m.float() / h_scale.float()).to(query.dtype)  # (B, N)
+    alpha_per_sample = alpha.to(query.dtype).reshape(1).expand(query.shape[0])  # (B,)
+
+    def elevation_score_mod(score, batch, head, query_index, key_index):
+        rise = heights[batch, key_index] - heights[batch, query_index]
+        bias = -alpha_per_sample[batch] * torch.relu(rise)
+        return score + torch.clamp(bias, min=-clamp_max, max=0.0)
+
+    return _flex_attention(query, key, value, elevation_score_mod)
+
+
+def elevation_biased_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    elevation_m: torch.Tensor,
+    alpha: torch.Tensor,
+    h_scale: torch.Tensor,
+    clamp_max: float,
+    implementation: str,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Softmax attention with the elevation bias added to the logits, for every implementation.
+
+    query/key/value: (B, heads, N, head_dim); elevation_m: (B, N) per-patch mean metres; alpha
+    and h_scale: 0-dim tensors. Returns (B, heads, N, head_dim). Every biased-attention call goes
+    through here so a faster exact kernel can replace one branch without touching the model.
+    """
+    if implementation == "eager":
+        bias = elevation_bias_matrix(elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max)
+        return _eager_attention(query, key, value, bias=bias, dropout_p=dropout_p)
+    if implementation == "sdpa":
+        # Exact, O(N) memory: sorted tokens, two fused causal calls merged by log-sum-exp (or the
+        # chunked exact path when the clamp is active or attention dropout is on).
+        return sorted_elevation_attention(
+            query, key, value, elevation_m=elevation_m, alpha=alpha, h_scale=h_scale,
+            clamp_max=clamp_max, dropout_p=dropout_p,
+        )  # fmt: skip
+    if implementation == "flex_attention":
+        if dropout_p > 0:
+            raise ValueError("flex_attention has no attention dropout; set attention_dropout=0.")
+        return _flex_elevation_attention(
+            query, key, value, elevation_m=elevation_m, alpha=alpha, h_scale=h_scale,
+            clamp_max=clamp_max,
+        )  # fmt: skip
+    raise ValueError(
+        f"attn_implementation={implementation!r} is not supported by TopoFlow; expected one of "
+        f"{ATTENTION_IMPLEMENTATIONS}."
+    )
+
+
+def plain_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    implementation: str,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Unbiased softmax attention; (B, heads, N, head_dim) in and out."""
+    if implementation == "eager":
+        return _eager_attention(query, key, value, bias=None, dropout_p=dropout_p)
+    if implementation == "sdpa":
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
+    if implementation == "flex_attention":
+        if dropout_p > 0:
+            raise ValueError("flex_attention has no attention dropout; set attention_dropout=0.")
+        return _flex_attention(query, key, value, None)
+    raise ValueError(
+        f"attn_implementation={implementation!r} is not supported by TopoFlow; expected one of "
+        f"{ATTENTION_IMPLEMENTATIONS}."
+    )
+
+
+def sincos_embedding_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(len(positions), dim) sin-cos table: half sines, half cosines (zero-padded if dim is odd)."""
+    half = dim // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / max(half, 1))
+    angles = positions.double()[:, None] * omega[None, :]  # (P, half)
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(table, (0, dim - table.shape[1])).float()
+
+
+def sincos_position_embedding_2d(dim: int, grid_height: int, grid_width: int) -> torch.Tensor:
+    """(grid_height * grid_width, dim) table, row-major patches: half the channels encode the row,
+    half the column (MAE / ClimaX style)."""
+    half = dim // 2
+    rows = torch.arange(grid_height).repeat_interleave(grid_width)
+    cols = torch.arange(grid_width).repeat(grid_height)
+    table = torch.cat([sincos_embedding_1d(half, rows), sincos_embedding_1d(half, cols)], dim=1)
+    return F.pad(table, (0, dim - table.shape[1]))
+
+
+def patch_mean_elevation(elevation_m: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, H, W) metres -> (B, N) mean metres per patch, row-major like the tokens."""
+    pooled = F.avg_pool2d(elevation_m[:, None].float(), kernel_size=patch_size)  # (B, 1, h, w)
+    return pooled.flatten(1)
+
+
+@dataclass
+class TopoFlowModelOutput(ModelOutput):
+    """Encoder output.
+
+    Args:
+        last_hidden_state (`torch.Tensor` of shape `(B, N, D)`): tokens after the final LayerNorm.
+        hidden_states (`tuple[torch.Tensor]`, *optional*): `depth + 1` tensors of shape `(B, N, D)`:
+            the embeddings, then each block's output; returned with `output_hidden_states=True`.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class TopoFlowForecastOutput(ModelOutput):
+    """Forecast output (docs/CONTRACTS.md section 1).
+
+    Args:
+        loss (`torch.Tensor`, scalar, *optional*): MSE over the valid cells
+            (`region_mask & isfinite(labels)`) of the whole batch, every target weighted equally
+            per cell; `0 * forecast.sum()` when no cell is valid. Returned when `labels` are given.
+        per_sample_loss (`torch.Tensor` of shape `(B,)`, *optional*): the MSE of each sample, NaN
+            for a sample with no valid cell.
+        num_valid (`torch.Tensor` of shape `(B,)`, int64, *optional*): valid cells x variables per
+            sample.
+        forecast (`torch.Tensor` of shape `(B, V_out, H, W)`): the targets at the lead time,
+            normalized.
+        hidden_states (`tuple[torch.Tensor]`, *optional*): see `TopoFlowModelOutput`.
+        sample_ids (`torch.Tensor` of shape `(B,)`, *optional*): echoed from the input.
+    """
+
+    loss: torch.Tensor | None = None
+    per_sample_loss: torch.Tensor | None = None
+    num_valid: torch.Tensor | None = None
+    forecast: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    sample_ids: torch.Tensor | None = None
+
+
+class TopoFlowEmbeddings(nn.Module):
+    """Per-variable patch embedding, variable embedding, variable aggregation by a learnable query,
+    position and lead-time embeddings: (B, V, H, W) fields -> (B, N, D) tokens."""
+
+    def __init__(self, config: TopoFlowConfig) -> None:
+        super().__init__()
+        self.config = config
+        num_variables, dim = len(config.variables), config.embed_dim
+        # One kernel per input variable: a conv with groups=V is V independent patch embeddings.
+        self.token_embed = nn.Conv2d(
+            num_variables, num_variables * dim, kernel_size=config.patch_size,
+            stride=config.patch_size, groups=num_variables,
+        )  # fmt: skip
+        self.var_embed = nn.Parameter(torch.zeros(1, num_variables, dim))
+        self.var_query = nn.Parameter(torch.zeros(1, 1, dim))
+        self.var_agg = nn.MultiheadAttention(dim, config.num_heads, batch_first=True)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, dim))
+        self.lead_time_embed = nn.Linear(1, dim)
+        self.dropout = nn.Dropout(config.drop_rate)
+
+    def forward(self, fields: torch.Tensor, lead_time_hours: torch.Tensor) -> torch.Tensor:
+        batch, num_variables = fields.shape[:2]
+        tokens = self.token_embed(fields)  # (B, V * D, h, w)
+        tokens = tokens.reshape(batch, num_variables, -1, self.config.num_patches)
+        tokens = tokens.transpose(2, 3) + self.var_embed[:, :, None]  # (B, V, N, D)
+        tokens = self._aggregate_variables(tokens)  # (B, N, D)
+        tokens = tokens + self.pos_embed
+        lead = (lead_time_hours.to(tokens.dtype) / LEAD_TIME_SCALE_HOURS)[:, None]  # (B, 1)
+        tokens = tokens + self.lead_time_embed(lead)[:, None]  # (B, 1, D) broadcast over N
+        return self.dropout(tokens)
+
+    def _aggregate_variables(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, _, num_patches, dim = tokens.shape
+        per_patch = tokens.transpose(1, 2).reshape(batch * num_patches, -1, dim)  # (B*N, V, D)
+        query = self.var_query.expand(per_patch.shape[0], -1, -1)  # (B*N, 1, D)
+        aggregated, _ = self.var_agg(query, per_patch, per_patch, need_weights=False)
+        return aggregated.reshape(batch, num_patches, dim)
+
+
+class TopoFlowAttention(nn.Module):
+    """Multi-head self-attention (timm layout: fused qkv, proj) with the optional elevation bias."""
+
+    def __init__(self, config: TopoFlowConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_heads
+        self.has_elevation_bias = layer_idx in config.elevation_bias_blocks
+        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim)
+        self.proj = nn.Linear(config.embed_dim, config.embed_dim)
+        self.proj_drop = nn.Dropout(config.drop_rate)
+        if self.has_elevation_bias:
+            self.elevation_alpha = nn.Parameter(torch.tensor(config.elevation_alpha_init))
+            # A persistent buffer: H_scale travels with the checkpoint but is not trained.
+            self.register_buffer("H_scale", torch.tensor(config.elevation_scale), persistent=True)
+
+    def forward(self, hidden: torch.Tensor, elevation_m: torch.Tensor | None) -> torch.Tensor:
+        batch, num_tokens, dim = hidden.shape
+        qkv = self.qkv(hidden).reshape(batch, num_tokens, 3, self.num_heads, dim // self.num_heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        implementation = self.config._attn_implementation or "sdpa"
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+        if self.has_elevation_bias:
+            attended = elevation_biased_attention(
+                query, key, value, elevation_m=elevation_m, alpha=self.elevation_alpha,
+                h_scale=self.H_scale, clamp_max=self.config.elevation_bias_clamp,
+                implementation=implementation, dropout_p=dropout_p,
+            )  # fmt: skip
+        else:
+            attended = plain_attention(
+                query, key, value, implementation=implementation, dropout_p=dropout_p
+            )
+        attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
+        return self.proj_drop(self.proj(attended))
+
+
+class TopoFlowMLP(nn.Module):
+    def __init__(self, config: TopoFlowConfig) -> None:
+        super().__init__()
+        hidden_dim = int(config.embed_dim * config.mlp_ratio)
+        self.fc1 = nn.Linear(config.embed_dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, config.embed_dim)
+        self.dropout = nn.Dropout(config.drop_rate)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(hidden)))))
+
+
+class TopoFlowDropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability `rate`."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, branch: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return branch
+        keep = 1.0 - self.rate
+        mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)
+        return branch * mask / keep
+
+
+class TopoFlowBlock(nn.Module):
+    """Pre-LN transformer block (timm `Block` layout, so ClimaX weights map by name)."""
+
+    def __init__(self, config: TopoFlowConfig, layer_idx: int) -> None:
+        super().__init__()
+        # Linear stochastic-depth schedule from 0 to drop_path, as ClimaX; plain floats so building
+        # on the meta device (transformers' loading path) never calls .item() on a meta tensor.
+        rate = config.drop_path * layer_idx / max(config.depth - 1, 1)
+        self.norm1 = nn.LayerNorm(config.embed_dim)
+        self.attn = TopoFlowAttention(config, layer_idx)
+        self.norm2 = nn.LayerNorm(config.embed_dim)
+        self.mlp = TopoFlowMLP(config)
+        self.drop_path = TopoFlowDropPath(rate)
+
+    def forward(self, hidden: torch.Tensor, elevation_m: torch.Tensor | None) -> torch.Tensor:
+        hidden = hidden + self.drop_path(self.attn(self.norm1(hidden), elevation_m))
+        return hidden + self.drop_path(self.mlp(self.norm2(hidden)))
+
+
+class TopoFlowPreTrainedModel(PreTrainedModel):
+    config_class = TopoFlowConfig
+    base_model_prefix = "topoflow"
+    main_input_name = "fields"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TopoFlowBlock"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    # Functions fn(name) -> local folder or None, tried by `from_pretrained` before the Hub (e.g.
+    # the packaged "topoflow-base"); registered by the `topoflow` library, empty for Hub users.
+    _name_resolvers: ClassVar[list[Callable[[str], str | os.PathLike | None]]] = []
+
+    def __init__(self, config: TopoFlowConfig, *inputs: Any, **kwargs: Any) -> None:
+        # from_pretrained applies config overrides with setattr, after TopoFlowConfig.__init__
+        # validated; check again before building anything from them.
+        config.check_topoflow()
+        super().__init__(config, *inputs, **kwargs)
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this from the source text; we read config._attn_implementation on
+        # every forward, so `set_attn_implementation` works.
+        return True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers 5 leaves every tensor not set here uninitialized after a partial load, so
+        # this sets every parameter and buffer; `init.*` skip the tensors that were loaded.
+        std = self.config.initializer_range
+        if isinstance(module, TopoFlowEmbeddings):
+            grid_height, grid_width = self.config.grid_size
+            position = sincos_position_embedding_2d(self.config.embed_dim, grid_height, grid_width)
+            init.copy_(module.pos_embed, position[None])
+            variable_ids = torch.arange(len(self.config.variables))
+            init.copy_(
+                module.var_embed, sincos_embedding_1d(self.config.embed_dim, variable_ids)[None]
+            )
+            init.zeros_(module.var_query)
+        elif isinstance(module, TopoFlowAttention) and module.has_elevation_bias:
+            init.constant_(module.elevation_alpha, self.config.elevation_alpha_init)
+            init.constant_(module.H_scale, self.config.elevation_scale)
+        elif isinstance(module, nn.MultiheadAttention):
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    @classmethod
+    def register_name_resolver(cls, resolver: Callable[[str], str | os.PathLike | None]) -> None:
+        """Let `from_pretrained(name)` map a short name to a local folder (the resolver returns None
+        if it does not know the name). Resolvers are shared by all TopoFlow model classes."""
+        if resolver not in TopoFlowPreTrainedModel._name_resolvers:
+            TopoFlowPreTrainedModel._name_resolvers.append(resolver)
+
+    @classmethod
+    def resolve_pretrained_name(cls, name_or_path: str | os.PathLike) -> str | os.PathLike:
+        """The first resolver's answer, else the name itself; an existing local path always wins.
+
+        Resolvers also see local paths, so they can check them (e.g. a checksum manifest)."""
+        if name_or_path is None:  # from_pretrained(None, config=..., state_dict=...)
+            return name_or_path
+        for resolver in TopoFlowPreTrainedModel._name_resolvers:
+            resolved = resolver(os.fspath(name_or_path))
+            if resolved is not None and not os.path.exists(name_or_path):
+                return resolved
+        return name_or_path
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
+    ):
+        path = cls.resolve_pretrained_name(pretrained_model_name_or_path)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        model._check_loaded(info, overrides=kwargs)
+        return (model, info) if wants_info else model
+
+    def _check_loaded(self, info: dict[str, Any], overrides: dict[str, Any]) -> None:
+        """Refuse a load whose result contradicts what the caller asked for (transformers would
+        only warn)."""
+        if "elevation_scale" not in overrides:
+            return
+        for name, buffer in self.named_buffers():
+            requested = torch.tensor(overrides["elevation_scale"], dtype=buffer.dtype).item()
+            if name.endswith("attn.H_scale") and buffer.item() != requested:
+                raise ValueError(
+                    f"elevation_scale={overrides['elevation_scale']} was requested but {name}="
+                    f"{buffer.item()} m comes from the checkpoint: H_scale is saved with the "
+                    f"weights. Start from a checkpoint without the bias (a baseline) to use "
+                    f"another H_scale."
+                )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        # transformers records only the saving class in auto_map; list both so the one folder loads
+        # with AutoModel (encoder) and with the forecasting auto class (full model).
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.update(_AUTO_MAP)
+        self.config.auto_map = auto_map
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class TopoFlowModel(TopoFlowPreTrainedModel):
+    """The encoder: fields (B, V, H, W) + lead time -> tokens (B, N, D)."""
+
+    def __init__(self, config: TopoFlowConfig) -> None:
+        super().__init__(config)
+        self.embeddings = TopoFlowEmbeddings(config)
+        self.blocks = nn.ModuleList(TopoFlowBlock(config, index) for index in range(config.depth))
+        self.norm = nn.LayerNorm(config.embed_dim)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        fields: torch.Tensor,
+        lead_time_hours: torch.Tensor | float,
+        elevation: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        variables: Sequence[str] | None = None,
+    ) -> TopoFlowModelOutput | tuple[torch.Tensor, ...]:
+        r"""
+        Args:
+            fields: `(B, V, H, W)` inputs normalized with `config.variable_mean/std`, channels in
+                the order of `config.variables`; must be finite.
+            lead_time_hours: `(B,)` (or a scalar for the whole batch) lead time in hours, > 0.
+            elevation: `(B, H, W)` or `(H, W)` terrain elevation in metres. Needed when bias
+                blocks are set and the inputs carry no `config.elevation_variable` channel; when
+                given it is used instead of that channel.
+            variables: optional names of the `fields` channels, checked against `config.variables`.
+        """
+        output_hidden_states = (
+            self.config.output_hidden_states
+            if output_hidden_states is None
+            else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        lead_time_hours = self._check_inputs(fields, lead_time_hours, variables)
+        elevation_m = self._patch_elevation(fields, elevation)
+
+        hidden = self.embeddings(fields, lead_time_hours)  # (B, N, D)
+        all_hidden = [hidden] if output_hidden_states else None
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                hidden = self._gradient_checkpointing_func(block.__call__, hidden, elevation_m)
+            else:
+                hidden = block(hidden, elevation_m)
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+        output = TopoFlowModelOutput(
+            last_hidden_state=self.norm(hidden),
+            hidden_states=None if all_hidden is None else tuple(all_hidden),
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _check_inputs(
+        self,
+        fields: torch.Tensor,
+        lead_time_hours: torch.Tensor | float,
+        variables: Sequence[str] | None,
+    ) -> torch.Tensor:
+        config = self.config
+        if variables is not None and list(variables) != list(config.variables):
+            raise ValueError(
+                f"variables: expected {list(config.variables)} (config.variables, in order), "
+                f"received {list(variables)}."
+            )
+        expected = (len(config.variables), *config.img_size)
+        if fields.ndim != 4 or tuple(fields.shape[1:]) != expected:
+            raise ValueError(
+                f"fields: expected shape (B, {expected[0]}, {expected[1]}, {expected[2]}) = "
+                f"(batch, len(config.variables), *config.img_size), received "
+                f"{tuple(fields.shape)}."
+            )
+        if not torch.isfinite(fields).all():
+            bad = sorted(
+                {config.variables[int(c)] for c in (~torch.isfinite(fields)).nonzero()[:, 1]}
+            )
+            raise ValueError(
+                f"fields: expected finite normalized inputs (fill missing values with 0), received "
+                f"NaN/inf in variables {bad}."
+            )
+        lead = torch.as_tensor(lead_time_hours, dtype=torch.float32, device=fields.device)
+        if lead.ndim == 0:
+            lead = lead.expand(fields.shape[0])
+        if lead.shape != (fields.shape[0],):
+            raise ValueError(
+                f"lead_time_hours: expected shape ({fields.shape[0]},) or a scalar, received "
+                f"{tuple(lead.shape)}."
+            )
+        if not (torch.isfinite(lead).all() and (lead > 0).all()):
+            raise ValueError(
+                f"lead_time_hours: expected finite values > 0 hours, received {lead.tolist()}."
+            )
+        return lead
+
+    def _patch_elevation(
+        self, fields: torch.Tensor, elevation: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """(B, N) per-patch mean elevation in metres, or None when no block is biased."""
+        config = self.config
+        if not config.elevation_bias_blocks:
+            return None
+        if elevation is None:
+            channel = config.elevation_channel
+            if channel is None:
+                raise ValueError(
+                    f"elevation: required because "
+                    f"elevation_bias_blocks={config.elevation_bias_blocks} "
+                    f"and config.elevation_variable={config.elevation_variable!r} is not among the "
+                    f"inputs; pass elevation= (metres, (B, H, W) or (H, W))."
+                )
+            name = config.variables[channel]
+            # The channel arrives normalized; the bias is defined in metres.
+            elevation = fields[:, channel] * config.variable_std[name] + config.variable_mean[name]
+        else:
+            elevation = torch.as_tensor(elevation, device=fields.device)
+            if elevation.ndim == 2:
+                elevation = elevation.expand(fields.shape[0], -1, -1)
+            if tuple(elevation.shape) != (fields.shape[0], *config.img_size):
+                raise ValueError(
+                    f"elevation: expected shape ({fields.shape[0]}, {config.img_size[0]}, "
+                    f"{config.img_size[1]}) or {tuple(config.img_size)}, received "
+                    f"{tuple(elevation.shape)}."
+                )
+            if not torch.isfinite(elevation).all():
+                raise ValueError("elevation: expected finite metres, received NaN/inf.")
+        return patch_mean_elevation(elevation, config.patch_size)
+
+
+class TopoFlowForForecasting(TopoFlowPreTrainedModel):
+    """Encoder + prediction head + unpatchify; the region-masked MSE when `labels` are given."""
+
+    def __init__(self, config: TopoFlowConfig) -> None:
+        super().__init__(config)
+        self.topoflow = TopoFlowModel(config)
+        dim = config.embed_dim
+        layers: list[nn.Module] = []
+        for _ in range(config.decoder_depth):
+            layers += [nn.Linear(dim, dim), nn.GELU()]
+        layers.append(nn.Linear(dim, len(config.target_variables) * config.patch_size**2))
+        self.head = nn.Sequential(*layers)
+        self.post_init()
+
+    def _check_loaded(self, info: dict[str, Any], overrides: dict[str, Any]) -> None:
+        super()._check_loaded(info, overrides)
+        # transformers only warns when head weights are missing or unexpected and then leaves them
+        # random (the 2.27-instead-of-0.36 val loss); a head that does not match must fail instead.
+        head_keys = sorted(
+            key
+            for key in [*info["missing_keys"], *info["unexpected_keys"]]
+            if key.startswith("head.")
+        )
+        if head_keys and not overrides.get("ignore_mismatched_sizes", False):
+            raise ValueError(
+                f"The checkpoint's prediction head does not match decoder_depth="
+                f"{self.config.decoder_depth} (missing or unexpected: {head_keys}); refusing to "
+                f"leave the head randomly initialized. Check decoder_depth / target_variables."
+            )
+
+    def forward(
+        self,
+        fields: torch.Tensor,
+        lead_time_hours: torch.Tensor | float,
+        labels: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+        elevation: torch.Tensor | None = None,
+        sample_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        variables: Sequence[str] | None = None,
+    ) -> TopoFlowForecastOutput | tuple[torch.Tensor, ...]:
+        r"""
+        Args:
+            fields, lead_time_hours, elevation, variables: see `TopoFlowModel.forward`.
+            labels: `(B, V_out, H, W)` normalized targets in the order of `config.target_variables`,
+                NaN where missing.
+            region_mask: `(B, H, W)` or `(H, W)` bool, cells that count in the loss (default: all).
+            sample_ids: `(B,)` int64, echoed in the output.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        encoded = self.topoflow(
+            fields, lead_time_hours, elevation=elevation, output_hidden_states=output_hidden_states,
+            return_dict=True, variables=variables,
+        )  # fmt: skip
+        forecast = self.unpatchify(self.head(encoded.last_hidden_state))  # (B, V_out, H, W)
+        loss = per_sample_loss = num_valid = None
+        if labels is not None:
+            valid = self._valid_cells(forecast, labels, region_mask)
+            loss, per_sample_loss, num_valid = masked_mse(forecast, labels, valid)
+        output = TopoFlowForecastOutput(
+            loss=loss, per_sample_loss=per_sample_loss, num_valid=num_valid, forecast=forecast,
+            hidden_states=encoded.hidden_states, sample_ids=sample_ids,
+        )  # fmt: skip
+        return output if return_dict else output.to_tuple()
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, p * p * V_out) -> (B, V_out, H, W); channel fastest, as ClimaX's head."""
+        patch = self.config.patch_size
+        grid_height, grid_width = self.config.grid_size
+        num_out = len(self.config.target_variables)
+        patches = patches.reshape(patches.shape[0], grid_height, grid_width, patch, patch, num_out)
+        images = torch.einsum("bhwpqc->bchpwq", patches)
+        return images.reshape(patches.shape[0], num_out, grid_height * patch, grid_width * patch)
+
+    def _valid_cells(
+        self, forecast: torch.Tensor, labels: torch.Tensor, region_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if labels.shape != forecast.shape:
+            raise ValueError(
+                f"labels: expected shape {tuple(forecast.shape)} = (B, "
+                f"len(config.target_variables), *config.img_size), received "
+                f"{tuple(labels.shape)}."
+            )
+        valid = torch.isfinite(labels)
+        if region_mask is None:
+            return valid
+        region_mask = torch.as_tensor(region_mask, device=labels.device)
+        if region_mask.ndim == 2:
+            region_mask = region_mask.expand(labels.shape[0], -1, -1)
+        if tuple(region_mask.shape) != (labels.shape[0], *labels.shape[2:]):
+            raise ValueError(
+                f"region_mask: expected shape ({labels.shape[0]}, {labels.shape[2]}, "
+                f"{labels.shape[3]}) or ({labels.shape[2]}, {labels.shape[3]}), received "
+                f"{tuple(region_mask.shape)}."
+            )
+        return valid & region_mask.bool()[:, None]
+
+
+def masked_mse(
+    forecast: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per_sample_loss, num_valid) of the MSE over `valid` cells, all (B, V, H, W)."""
+    # Zero the invalid cells before squaring so NaN labels cannot leak NaN into the gradient.
+    error = torch.where(valid, forecast - torch.nan_to_num(labels), torch.zeros_like(forecast))
+    squared = error.float().pow(2).flatten(1).sum(dim=1)  # (B,)
+    num_valid = valid.flatten(1).sum(dim=1)  # (B,) int64
+    per_sample = squared / num_valid.clamp(min=1)
+    per_sample = torch.where(num_valid > 0, per_sample, torch.full_like(per_sample, math.nan))
+    total = num_valid.sum()
+    # An all-invalid batch gives a finite zero loss with zero gradient; the trainer skips it.
+    loss = squared.sum() / total if total > 0 else 0.0 * forecast.sum()
+    return loss, per_sample, num_valid
+
+
+_AUTO_MAP = {
+    "AutoModel": f"modeling_topoflow.{TopoFlowModel.__name__}",
+    "AutoModelForTimeSeriesPrediction": f"modeling_topoflow.{TopoFlowForForecasting.__name__}",
+}
+
+# `save_pretrained` copies this file and configuration_topoflow.py next to the weights.
+TopoFlowModel.register_for_auto_class("AutoModel")
+TopoFlowForForecasting.register_for_auto_class("AutoModelForTimeSeriesPrediction")
