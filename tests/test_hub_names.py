@@ -206,3 +206,12 @@ def test_from_pretrained_checks_a_local_folder_manifest_weights_and_pickles(
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
     with pytest.raises(PickleFileError, match="pytorch_model.bin"):
         TopoFlowForForecasting.from_pretrained(pickled)
+
+
+def test_forecasting_auto_class_resolves_the_packaged_name(monkeypatch) -> None:
+    import topoflow
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = topoflow.AutoModelForForecasting.from_pretrained("topoflow-base")
+    assert isinstance(model, topoflow.TopoFlowForForecasting)
+    assert model.config.elevation_bias_blocks == []

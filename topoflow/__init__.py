@@ -22,7 +22,7 @@ from modeling_topoflow import (
     TopoFlowModelOutput,
     TopoFlowPreTrainedModel,
 )
-from topoflow.hub import register_hub_resolver
+from topoflow.hub import register_hub_resolver, resolve_pretrained_path
 
 __all__ = [
     "AutoModelForForecasting",
@@ -36,9 +36,20 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-# transformers has no forecasting Auto class for gridded fields; time-series prediction is the
-# closest existing one, and the name below says what it is used for here.
-AutoModelForForecasting = AutoModelForTimeSeriesPrediction
+
+class AutoModelForForecasting(AutoModelForTimeSeriesPrediction):
+    """The forecasting Auto class: TopoFlowForForecasting for TopoFlow configs.
+
+    transformers has no forecasting Auto class for gridded fields; time-series prediction is the
+    closest existing one. This subclass shares its registry and also resolves the packaged short
+    names (`topoflow-base`) that the Auto classes alone would send to the Hub.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):  # noqa: ANN001
+        resolved = resolve_pretrained_path(pretrained_model_name_or_path)
+        return super().from_pretrained(resolved, *model_args, **kwargs)
+
 
 # exist_ok: re-importing (e.g. importlib.reload in a notebook) must not fail.
 AutoConfig.register(TopoFlowConfig.model_type, TopoFlowConfig, exist_ok=True)
