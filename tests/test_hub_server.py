@@ -46,6 +46,9 @@ def _commit_folder(repo: Path, folder: Path, message: str) -> str:
             path.unlink()
     for path in folder.iterdir():
         shutil.copy2(path, repo / path.name)
+    # Empty the index first: a file replaced by one of the same size, mtime (copy2 keeps it) and
+    # recycled inode looks unchanged to git's stat cache, which then commits the old bytes.
+    _git(repo, "read-tree", "--empty")
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", message)
     return _git(repo, "rev-parse", "HEAD")
