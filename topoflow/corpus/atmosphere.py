@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .schema import UNITS
 from .terrain import Terrain, make_terrain
 
 __all__ = [
@@ -61,27 +62,9 @@ __all__ = [
 # Bump whenever the generated numbers change: build.py keys its corpus cache on it.
 GENERATOR_VERSION = "3"
 
-# Dynamic output variables in corpus order, with units as in CAQRA (CO in mg/m^3).
+# Dynamic output variables in corpus order; the generator writes the corpus's canonical units
+# (schema.UNITS, as in CAQRA: CO in mg/m^3).
 VARIABLES = ("u", "v", "temp", "rh", "psfc", "pm25", "pm10", "so2", "no2", "co", "o3")
-UNITS: dict[str, str] = {
-    "u": "m/s",
-    "v": "m/s",
-    "temp": "K",
-    "rh": "%",
-    "psfc": "hPa",
-    "pm25": "ug/m3",
-    "pm10": "ug/m3",
-    "so2": "ug/m3",
-    "no2": "ug/m3",
-    "co": "mg/m3",
-    "o3": "ug/m3",
-    "elevation": "m",
-    "population": "people/km2",
-    "lat2d": "degrees_north",
-    "lon2d": "degrees_east",
-    "land_fraction": "1",
-    "region_id": "1",
-}
 
 # Advected tracers. PM10 is not advected itself: it is PM2.5 plus the coarse fraction, which keeps
 # PM10 >= PM2.5 by construction. State = concentration (output unit, CO in mg/m^3) x H_REF.

@@ -371,11 +371,6 @@ def write_default_corpus(
         height=preset.height, width=preset.width, start=start, end=end,
         output_step_hours=preset.time_step_hours, seed=seed, terrain_blocking=terrain_blocking,
     )  # fmt: skip
-    from .atmosphere import UNITS as GENERATOR_UNITS
-
-    drift = {v: (u, UNITS.get(v)) for v, u in GENERATOR_UNITS.items() if UNITS.get(v) != u}
-    if drift:
-        raise CorpusError(f"atmosphere.UNITS != schema.UNITS (generator, schema): {drift}")
     terrain = make_terrain(params)
     static = {v: getattr(terrain, v) for v in (*STATIC_VARIABLES, "region_id")}
     writer = CorpusWriter(
