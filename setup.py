@@ -1,5 +1,7 @@
 """Install TopoFlow: the two Hub files, the training script and the `topoflow` library."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 # torch is deliberately unpinned: GPU users keep the CUDA build they have; CPU machines install
@@ -36,7 +38,7 @@ setup(
     name="topoflow",
     version="0.1.0",
     description="Topography-aware air-quality forecasting with a ClimaX-style Vision Transformer",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
