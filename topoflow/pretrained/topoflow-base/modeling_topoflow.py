@@ -104,7 +104,9 @@ def _eager_attention(
     scores = torch.matmul(query, key.transpose(-1, -2)) * query.shape[-1] ** -0.5
     if bias is not None:
         scores = scores + bias[:, None].to(scores.dtype)  # shared by all heads
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    # Softmax in at least float32 (bf16 logits lose the bias), in float64 for float64 inputs.
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
+    probs = torch.softmax(scores.to(softmax_dtype), dim=-1).to(query.dtype)
     probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
     return torch.matmul(probs, value)
 
@@ -155,21 +157,6 @@ _CHUNK_LOGIT_ELEMENTS = 2**24
 _SMALL_PROBLEM_ELEMENTS = 2**22
 
 
-def _softmax_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    bias: torch.Tensor,
-    dropout_p: float,
-) -> torch.Tensor:
-    """Eager softmax(q.k/sqrt(d) + bias) v with dropout on the probabilities; bias (B, Nq, Nk)."""
-    logits = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])  # (B, h, Nq, Nk)
-    probabilities = torch.softmax(logits + bias[:, None].to(logits.dtype), dim=-1)
-    if dropout_p > 0:
-        probabilities = F.dropout(probabilities, p=dropout_p, training=True)
-    return probabilities @ value
-
-
 def eager_elevation_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -182,10 +169,8 @@ def eager_elevation_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Reference: materializes the (B, N, N) bias. For tests and small N only."""
-    bias = elevation_bias_between(
-        elevation_m, elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max
-    )
-    return _softmax_attention(query, key, value, bias, dropout_p)
+    bias = elevation_bias_matrix(elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max)
+    return _eager_attention(query, key, value, bias=bias, dropout_p=dropout_p)
 
 
 def chunked_elevation_attention(
@@ -238,7 +223,7 @@ def _chunk(
     bias = elevation_bias_between(
         query_elevation_m, key_elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max
     )
-    return _softmax_attention(query, key, value, bias, dropout_p)
+    return _eager_attention(query, key, value, bias=bias, dropout_p=dropout_p)
 
 
 def clamp_is_inactive(
