@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_LEAD_TIMES_HOURS",
     "DEFAULT_TARGET_VARIABLES",
     "DEFAULT_VARIABLES",
+    "ELEVATION_BIAS_DIRECTIONS",
     "TopoFlowConfig",
 ]
 
@@ -26,6 +27,8 @@ DEFAULT_VARIABLES: tuple[str, ...] = (
 )  # fmt: skip
 DEFAULT_TARGET_VARIABLES: tuple[str, ...] = ("pm25", "pm10", "so2", "no2", "co", "o3")
 DEFAULT_LEAD_TIMES_HOURS: tuple[int, ...] = (12, 24, 48, 96)
+# The transport an elevation bias penalizes (see `elevation_bias_direction` below).
+ELEVATION_BIAS_DIRECTIONS: tuple[str, ...] = ("downslope", "upslope")
 
 
 class TopoFlowConfig(PretrainedConfig):
@@ -71,6 +74,12 @@ class TopoFlowConfig(PretrainedConfig):
             of a baseline checkpoint unchanged at step 0; the paper used 2.0.
         elevation_bias_clamp (`float`, defaults to 10.0):
             The bias is clamped to [-elevation_bias_clamp, 0] logits.
+        elevation_bias_direction (`str`, defaults to `"downslope"`):
+            Which transport the bias penalizes, with query i the receiver and key j the source.
+            `"downslope"` (DESIGN.md): attending to a higher source, B = clamp(-alpha *
+            ReLU((z_j - z_i) / H_scale), -clamp, 0). `"upslope"`: attending to a lower source,
+            the same formula with z_i - z_j; this is the direction the embedded corpus's terrain
+            blocking acts in (docs/results/README.md). A checkpoint without the key is downslope.
         elevation_variable (`str` or `None`, defaults to `"elevation"`):
             Input channel holding the terrain elevation (normalized like every input). When it is
             None or not among `variables`, `forward` needs `elevation=` (metres) if bias blocks
@@ -115,6 +124,7 @@ class TopoFlowConfig(PretrainedConfig):
         elevation_scale: float = 1000.0,
         elevation_alpha_init: float = 0.0,
         elevation_bias_clamp: float = 10.0,
+        elevation_bias_direction: str = "downslope",
         elevation_variable: str | None = "elevation",
         variable_mean: Mapping[str, float] | None = None,
         variable_std: Mapping[str, float] | None = None,
@@ -143,6 +153,7 @@ class TopoFlowConfig(PretrainedConfig):
         self.elevation_scale = float(elevation_scale)
         self.elevation_alpha_init = float(elevation_alpha_init)
         self.elevation_bias_clamp = float(elevation_bias_clamp)
+        self.elevation_bias_direction = elevation_bias_direction
         self.elevation_variable = elevation_variable
         all_names = dict.fromkeys([*self.variables, *self.target_variables])
         self.variable_mean = (
@@ -250,6 +261,11 @@ class TopoFlowConfig(PretrainedConfig):
             raise ValueError(
                 f"TopoFlowConfig.elevation_bias_clamp must be >= 0, got "
                 f"{self.elevation_bias_clamp}."
+            )
+        if self.elevation_bias_direction not in ELEVATION_BIAS_DIRECTIONS:
+            raise ValueError(
+                f"TopoFlowConfig.elevation_bias_direction must be one of "
+                f"{list(ELEVATION_BIAS_DIRECTIONS)}, got {self.elevation_bias_direction!r}."
             )
         if not math.isfinite(self.elevation_alpha_init):
             raise ValueError(

@@ -41,6 +41,7 @@ __all__ = [
     "eager_elevation_attention",
     "elevation_bias_between",
     "elevation_bias_matrix",
+    "oriented_elevation",
     "sorted_elevation_attention",
     "elevation_biased_attention",
     "masked_mse",
@@ -77,6 +78,22 @@ def elevation_bias_between(
     rise = key_elevation_m.to(dtype)[:, None, :] - query_elevation_m.to(dtype)[:, :, None]
     rise = rise / h_scale
     return torch.clamp(-alpha * torch.relu(rise), min=-clamp_max, max=0.0)  # (B, Nq, Nk)
+
+
+def oriented_elevation(elevation_m: torch.Tensor, direction: str) -> torch.Tensor:
+    """The heights the bias formula is applied to: z for "downslope", -z for "upslope".
+
+    ReLU((-z_j) - (-z_i)) = ReLU(z_i - z_j), so negating the heights turns the penalty on higher
+    sources into one on lower sources, and every kernel (eager, sorted, flex) serves both
+    directions unchanged.
+    """
+    if direction == "downslope":
+        return elevation_m
+    if direction == "upslope":
+        return -elevation_m
+    raise ValueError(
+        f"elevation_bias_direction must be 'downslope' or 'upslope', got {direction!r}"
+    )
 
 
 def elevation_bias_matrix(
@@ -795,8 +812,9 @@ class TopoFlowAttention(nn.Module):
         implementation = self.config._attn_implementation or "sdpa"
         dropout_p = self.config.attention_dropout if self.training else 0.0
         if self.has_elevation_bias:
+            heights = oriented_elevation(elevation_m, self.config.elevation_bias_direction)
             attended = elevation_biased_attention(
-                query, key, value, elevation_m=elevation_m, alpha=self.elevation_alpha,
+                query, key, value, elevation_m=heights, alpha=self.elevation_alpha,
                 h_scale=self.H_scale, clamp_max=self.config.elevation_bias_clamp,
                 implementation=implementation, dropout_p=dropout_p,
             )  # fmt: skip
@@ -905,6 +923,23 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+
+    def elevation_alpha_parameters(self) -> list[nn.Parameter]:
+        """The learnable `elevation_alpha` of every biased block, in block order."""
+        return [param for name, param in self.named_parameters()
+                if name.endswith("attn.elevation_alpha")]
+
+    @torch.no_grad()
+    def project_elevation_alpha_(self) -> None:
+        """Put every `elevation_alpha` back on alpha >= 0; call it after each optimizer step.
+
+        For alpha < 0 the clamped bias is 0 everywhere and alpha's gradient is exactly 0, so an
+        alpha that one step pushes below 0 stays there for good (all our alpha-init-0 runs died
+        that way, docs/results/README.md). The projection keeps alpha at 0 while the loss wants it
+        lower and lets it grow as soon as the gradient turns.
+        """
+        for param in self.elevation_alpha_parameters():
+            param.clamp_(min=0.0)
 
     @classmethod
     def register_name_resolver(cls, resolver: Callable[[str], str | os.PathLike | None]) -> None:
