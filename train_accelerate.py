@@ -162,10 +162,13 @@ def load_model(args: Any, meta: Any, accelerator: Accelerator) -> tuple[Any, Loa
 
     extra = {} if args.attn_implementation is None else {
         "attn_implementation": args.attn_implementation}
+    if args.elevation_direction is not None:
+        extra["elevation_bias_direction"] = args.elevation_direction
     if args.from_scratch:
         config = build_from_scratch_config(
             args.config, meta, elevation_blocks=args.elevation_blocks,
-            elevation_scale=args.elevation_scale, alpha_init=args.alpha_init)
+            elevation_scale=args.elevation_scale, alpha_init=args.alpha_init,
+            elevation_direction=args.elevation_direction)
         model = TopoFlowForForecasting(config)
         if args.attn_implementation is not None:
             model.set_attn_implementation(args.attn_implementation)
@@ -183,15 +186,44 @@ def load_model(args: Any, meta: Any, accelerator: Accelerator) -> tuple[Any, Loa
     return model, report, report.missing_expected + report.missing_other
 
 
+ALPHA_GROUP = "elevation_alpha"
+
+
 def make_optimizer(model: torch.nn.Module, args: Any) -> torch.optim.Optimizer:
-    # No weight decay on vectors and scalars (biases, norms, alpha, embeddings' 1-D parts).
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
+    """AdamW with three groups: matrices (weight decay), other vectors and scalars (none), and the
+    elevation alphas (none, their own learning rate, projected onto alpha >= 0 after each step)."""
+    decay, no_decay, alphas = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith("attn.elevation_alpha"):
+            alphas.append(param)
+        else:
             (decay if param.ndim >= 2 else no_decay).append(param)
+    alpha_lr = alpha_learning_rate(args, model.config)
     groups = [{"params": decay, "weight_decay": args.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+              {"params": no_decay, "weight_decay": 0.0},
+              {"params": alphas, "weight_decay": 0.0, "lr": alpha_lr, "name": ALPHA_GROUP}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate)
+
+
+def alpha_learning_rate(args: Any, config: Any) -> float:
+    """--alpha-learning-rate, else --learning-rate / initializer_range (see its --help)."""
+    if args.alpha_learning_rate is not None:
+        return args.alpha_learning_rate
+    return args.learning_rate / config.initializer_range
+
+
+@torch.no_grad()
+def project_alphas(optimizer: torch.optim.Optimizer) -> None:
+    """alpha >= 0 after every step: below 0 the clamped bias and alpha's gradient are exactly 0,
+    so an alpha one step pushes negative would never come back (see
+    TopoFlowPreTrainedModel.project_elevation_alpha_). Works on the optimizer's own parameters,
+    so it also holds for wrapped (DDP) and sharded (FSDP2) models."""
+    for group in optimizer.param_groups:
+        if group.get("name") == ALPHA_GROUP:
+            for param in group["params"]:
+                param.clamp_(min=0.0)
 
 
 def elevation_alphas(model: torch.nn.Module) -> dict[str, float]:
@@ -276,6 +308,7 @@ def train_step(model: Any, group: list[dict[str, torch.Tensor]], optimizer: Any,
         logger.warning("step %d: no valid target cell in the whole batch; step skipped", step)
     if not skip:
         optimizer.step()
+        project_alphas(optimizer)
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"step": step, "epoch": state.epoch,
@@ -524,6 +557,7 @@ def train(args: Any) -> dict[str, Any] | None:
 def build_report(args: Any, accelerator: Accelerator, model: Any, state: TrainerState,
                  guard: NonFiniteGuard, final: EvalResult, loading: LoadingReport,
                  model_dir: Path, wall_time: float, total_steps: int) -> dict[str, Any]:
+    config = accelerator.unwrap_model(model).config
     step0 = state.step0_full["val_loss"]
     threshold = (args.success_threshold if args.success_threshold is not None
                  else step0 * args.success_ratio)
@@ -535,6 +569,8 @@ def build_report(args: Any, accelerator: Accelerator, model: Any, state: Trainer
             "model": "from scratch: " + args.config if args.from_scratch else args.model,
             "elevation_blocks": args.elevation_blocks, "elevation_scale": args.elevation_scale,
             "alpha_init": args.alpha_init, "trainable": args.trainable,
+            "elevation_direction": config.elevation_bias_direction,
+            "alpha_learning_rate": alpha_learning_rate(args, config),
             "steps": state.global_step, "planned_steps": total_steps, "epochs_started":
             state.epoch + 1, "world_size": accelerator.num_processes,
             "eval_split": args.eval_split, "eval_batches": args.eval_batches,

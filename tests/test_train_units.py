@@ -198,3 +198,35 @@ def test_streamed_eval_pools_every_valid_cell_once(synthetic_corpus, tiny_model,
     assert subset.n_samples == 10 and not subset.full
     assert evaluate(tiny_model, loader, accelerator, max_batches=2, stride=3) == subset
 
+
+
+def test_alpha_gets_its_own_rate_and_stays_nonnegative(tiny_model):
+    """At the shared rate alpha (useful values O(1)) could move only ~lr per step; below 0 it would
+    be dead for good, because the clamped bias and its gradient are both 0 there."""
+    args = parse_args(["--learning-rate", "1e-3"])
+    optimizer = train_accelerate.make_optimizer(tiny_model, args)
+    alpha = tiny_model.topoflow.blocks[0].attn.elevation_alpha
+    (group,) = [g for g in optimizer.param_groups if g.get("name") == train_accelerate.ALPHA_GROUP]
+    assert group["params"] == [alpha] and group["weight_decay"] == 0.0
+    assert group["lr"] == pytest.approx(1e-3 / tiny_model.config.initializer_range)
+    others = [p for g in optimizer.param_groups if g is not group for p in g["params"]]
+    assert all(p is not alpha for p in others)
+    assert train_accelerate.make_optimizer(
+        tiny_model, parse_args(["--alpha-learning-rate", "0.1"])).param_groups[-1]["lr"] == 0.1
+
+    # A gradient that pushes alpha below 0: the projected step stops at 0 ...
+    with torch.no_grad():
+        alpha.fill_(0.0)
+    alpha.grad = torch.tensor(1.0)
+    optimizer.step()
+    train_accelerate.project_alphas(optimizer)
+    assert alpha.item() == 0.0
+    # ... and alpha grows again as soon as the gradient turns.
+    for _ in range(3):
+        alpha.grad = torch.tensor(-1.0)
+        optimizer.step()
+        train_accelerate.project_alphas(optimizer)
+    assert alpha.item() > 0.0
+    with torch.no_grad():  # the fixture is shared with other tests
+        alpha.fill_(0.0)
+    alpha.grad = None

@@ -59,6 +59,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="H_scale in metres for newly biased blocks")
     group.add_argument("--alpha-init", type=float, default=0.0,
                        help="initial elevation_alpha of newly biased blocks (0: same function)")
+    group.add_argument("--elevation-direction", choices=("downslope", "upslope"), default=None,
+                       help="transport the bias penalizes: downslope (attending to a higher "
+                            "source, DESIGN.md) or upslope (to a lower source); default: the "
+                            "checkpoint's, else downslope")
     group.add_argument("--allow-missing-keys", action="store_true",
                        help="train even if keys other than the new bias keys are missing")
     group.add_argument("--trainable", type=_trainable, default="all",
@@ -86,6 +90,12 @@ def _add_optim_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
     group.add_argument("--learning-rate", type=float, default=3e-4)
     group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--alpha-learning-rate", type=float, default=None,
+                       help="peak learning rate of every elevation_alpha; default: "
+                            "--learning-rate / initializer_range (50x with 0.02), so alpha, "
+                            "whose useful values are O(1), moves as fast relative to its scale "
+                            "as a weight initialized at std 0.02; at the shared rate it could "
+                            "move at most max_steps x lr (0.24 in 800 steps at 3e-4)")
     group.add_argument("--warmup-steps", type=int, default=None,
                        help="linear warmup steps; default: 5%% of the planned steps")
     group.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")

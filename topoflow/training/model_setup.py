@@ -100,7 +100,8 @@ def make_loading_report(info: Mapping[str, Any], blocks: Sequence[int], *, model
 
 
 def build_from_scratch_config(config_arg: str, corpus_meta: Any, *, elevation_blocks: list[int],
-                              elevation_scale: float, alpha_init: float) -> Any:
+                              elevation_scale: float, alpha_init: float,
+                              elevation_direction: str | None = None) -> Any:
     """TopoFlowConfig from a preset name or a config.json, completed from the corpus metadata."""
     from configuration_topoflow import (
         DEFAULT_LEAD_TIMES_HOURS,
@@ -144,6 +145,8 @@ def build_from_scratch_config(config_arg: str, corpus_meta: Any, *, elevation_bl
         "elevation_scale": elevation_scale,
         "elevation_alpha_init": alpha_init,
     }
+    if elevation_direction is not None:
+        fields["elevation_bias_direction"] = elevation_direction
     fields.update(overrides)
     return TopoFlowConfig(**fields)
 
