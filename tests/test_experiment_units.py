@@ -24,14 +24,21 @@ def test_known_arms_and_specs_give_training_arguments() -> None:
     assert alpha2.elevation_blocks == (0,) and alpha2.alpha_init == 2.0
     custom = parse_arm("wide:blocks=1,0;scale=500;alpha=0.5")
     assert custom.train_args() == ["--elevation-blocks", "0,1", "--elevation-scale", "500.0",
-                                   "--alpha-init", "0.5", "--trainable", "all"]
+                                   "--alpha-init", "0.5", "--trainable", "all",
+                                   "--elevation-direction", "downslope"]
     assert custom.same_recipe(ArmSpec("other", (0, 1), 500.0, 0.5))
     assert not custom.same_recipe(parse_arm("blocks01"))
+    upslope = parse_arm("up:blocks=0;direction=upslope")
+    assert upslope.train_args()[-2:] == ["--elevation-direction", "upslope"]
+    assert not upslope.same_recipe(parse_arm("topoflow"))
+    assert parse_arm("upslope").same_recipe(upslope)
+    with pytest.raises(ValueError, match="direction must be one of"):
+        parse_arm("x:blocks=0;direction=sideways")
 
 
 @pytest.mark.parametrize("text, message", [
     ("topoflw", "unknown arm 'topoflw'"),
-    ("x:blocks=0;height=3", "keys ['alpha', 'blocks', 'scale', 'trainable']"),
+    ("x:blocks=0;height=3", "keys ['alpha', 'blocks', 'direction', 'scale', 'trainable']"),
     ("x:scale=high", "could not convert"),
 ])
 def test_bad_arm_names_and_specs_are_refused(text: str, message: str) -> None:

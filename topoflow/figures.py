@@ -224,26 +224,34 @@ def elevation_bias_row(
     alpha: float,
     h_scale_m: float,
     clamp_max: float = 10.0,
+    direction: str = "downslope",
 ) -> np.ndarray:
     """Bias of one query patch i toward every key patch j, on the patch grid.
 
-    DESIGN.md section 3: B[i, j] = clamp(-alpha * ReLU((z_j - z_i) / H_scale), -clamp_max, 0).
-    Re-implemented here in numpy so the figure does not need the model; the model's tests hold the
-    same formula.
+    DESIGN.md section 3: B[i, j] = clamp(-alpha * ReLU((z_j - z_i) / H_scale), -clamp_max, 0)
+    ("downslope"); "upslope" uses z_i - z_j (config.elevation_bias_direction). Re-implemented here
+    in numpy so the figure does not need the model; the model's tests hold the same formula.
     """
     z_i = patch_elevation_m[query]
-    penalty = -alpha * np.maximum(patch_elevation_m - z_i, 0.0) / h_scale_m
+    rise = patch_elevation_m - z_i if direction == "downslope" else z_i - patch_elevation_m
+    penalty = -alpha * np.maximum(rise, 0.0) / h_scale_m
     return np.clip(penalty, -clamp_max, 0.0)
 
 
-def default_query_patch(patch_elevation_m: np.ndarray, radius: int = 3) -> tuple[int, int]:
-    """A low land patch with high terrain nearby (a basin floor beside a range): the patch that
-    maximizes (highest patch within `radius`) - (own elevation), among patches above 10 m."""
+def default_query_patch(patch_elevation_m: np.ndarray, radius: int = 3,
+                        direction: str = "downslope") -> tuple[int, int]:
+    """The land patch (above 10 m) where the bias bites hardest. Downslope: a low patch with high
+    terrain nearby (a basin floor beside a range), maximizing (highest patch within `radius`) -
+    (own elevation). Upslope: a high patch above low terrain, maximizing (own elevation) -
+    (lowest patch within `radius`)."""
     z = patch_elevation_m
     padded = np.pad(z, radius, mode="edge")
     rows, cols = z.shape
     window = np.lib.stride_tricks.sliding_window_view(padded, (2 * radius + 1, 2 * radius + 1))
-    relief = window.max(axis=(2, 3)) - z
+    if direction == "downslope":
+        relief = window.max(axis=(2, 3)) - z
+    else:
+        relief = z - window.min(axis=(2, 3))
     relief = np.where(z > 10.0, relief, -np.inf)
     flat = int(np.argmax(relief))
     return flat // cols, flat % cols
@@ -275,6 +283,7 @@ def plot_attention_bias(
     query_latlon: tuple[float, float] | None = None,
     extent: Extent | None = None,
     contour_levels_m: Sequence[float] = (1000.0, 3000.0),
+    direction: str = "downslope",
 ) -> Path:
     """Two panels: patch-mean elevation with the query marked, and the query's bias row.
 
@@ -291,8 +300,9 @@ def plot_attention_bias(
     elif query_latlon is not None:
         query = _patch_at(query_latlon, extent, z.shape)
     else:
-        query = default_query_patch(z)
-    bias = elevation_bias_row(z, query, alpha=alpha, h_scale_m=h_scale_m, clamp_max=clamp_max)
+        query = default_query_patch(z, direction=direction)
+    bias = elevation_bias_row(z, query, alpha=alpha, h_scale_m=h_scale_m, clamp_max=clamp_max,
+                              direction=direction)
     rows, cols = z.shape
     if extent is None:
         extent = (0.0, float(cols), 0.0, float(rows))
@@ -326,7 +336,10 @@ def plot_attention_bias(
         ax.plot([qx], [qy], marker="*", ms=14, color="cyan", mec="black")
         ax.tick_params(labelsize=7)
     fig.suptitle(
-        "Elevation attention bias: a low query beside a range is penalized for attending uphill",
+        "Elevation attention bias: a low query beside a range is penalized for attending uphill"
+        if direction == "downslope" else
+        "Elevation attention bias (upslope): a high query is penalized for attending to lower "
+        "terrain",
         fontsize=10,
     )
     return _save(fig, path)

@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 CONTROL = "control"
+DIRECTIONS = ("downslope", "upslope")  # configuration_topoflow.ELEVATION_BIAS_DIRECTIONS
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -34,13 +35,15 @@ class UnknownArmError(ValueError):
 
 @dataclass(frozen=True)
 class ArmSpec:
-    """One arm: elevation-bias blocks (empty = no bias), H_scale (m), alpha init, trainable set."""
+    """One arm: elevation-bias blocks (empty = no bias), H_scale (m), alpha init, trainable set,
+    and the transport direction the bias penalizes (config.elevation_bias_direction)."""
 
     name: str
     elevation_blocks: tuple[int, ...] = ()
     elevation_scale: float = 1000.0
     alpha_init: float = 0.0
     trainable: str = "all"
+    direction: str = "downslope"
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -54,12 +57,16 @@ class ArmSpec:
         if self.elevation_scale <= 0:
             raise ValueError(f"arm {self.name!r}: H_scale must be > 0 m, got "
                              f"{self.elevation_scale}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"arm {self.name!r}: direction must be one of {list(DIRECTIONS)}, "
+                             f"got {self.direction!r}")
 
     def train_args(self) -> list[str]:
         """The train_accelerate.py arguments that make this arm."""
         blocks = ",".join(str(b) for b in self.elevation_blocks) or "none"
         return ["--elevation-blocks", blocks, "--elevation-scale", repr(self.elevation_scale),
-                "--alpha-init", repr(self.alpha_init), "--trainable", self.trainable]
+                "--alpha-init", repr(self.alpha_init), "--trainable", self.trainable,
+                "--elevation-direction", self.direction]
 
     def recipe(self) -> dict:
         """JSON-ready settings, without the free-text description."""
@@ -77,6 +84,9 @@ KNOWN_ARMS: dict[str, ArmSpec] = {
     for arm in (
         ArmSpec(CONTROL, description="baseline fine-tuned with the same budget, no elevation bias"),
         ArmSpec("topoflow", (0,), description="elevation bias on block 0, alpha init 0"),
+        ArmSpec("upslope", (0,), direction="upslope",
+                description="elevation bias on block 0 penalizing attention to lower sources "
+                            "(upslope transport), alpha init 0"),
         ArmSpec("alpha2", (0,), alpha_init=2.0,
                 description="elevation bias on block 0, alpha init 2.0 (the paper's)"),
         ArmSpec("hscale500", (0,), elevation_scale=500.0,
@@ -89,7 +99,7 @@ KNOWN_ARMS: dict[str, ArmSpec] = {
     )
 }
 
-_SPEC_KEYS = {"blocks", "scale", "alpha", "trainable"}
+_SPEC_KEYS = {"blocks", "scale", "alpha", "trainable", "direction"}
 
 
 def _parse_spec(name: str, body: str) -> ArmSpec:
@@ -111,11 +121,12 @@ def _parse_spec(name: str, body: str) -> ArmSpec:
     except ValueError as err:
         raise UnknownArmError(f"arm spec {name}:{body!r}: {err}") from err
     return ArmSpec(name, blocks, scale, alpha, settings.get("trainable", "all"),
-                   description=f"custom: {body}")
+                   settings.get("direction", "downslope"), description=f"custom: {body}")
 
 
 def parse_arm(text: str) -> ArmSpec:
-    """A known arm name, or `name:key=value;...` (keys blocks, scale, alpha, trainable)."""
+    """A known arm name, or `name:key=value;...` (keys blocks, scale, alpha, trainable,
+    direction)."""
     text = text.strip()
     name, sep, body = text.partition(":")
     if sep:

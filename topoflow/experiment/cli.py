@@ -87,14 +87,16 @@ def _resolve_corpus(args: argparse.Namespace) -> Path:
     return build_default_corpus(size=args.corpus_size, terrain_blocking=args.terrain_blocking)
 
 
-def _adopted_runs(texts: Sequence[str]) -> tuple[list[RunRecord], dict[str, float]]:
-    records, h_scales = [], {}
+def _adopted_runs(texts: Sequence[str]
+                  ) -> tuple[list[RunRecord], dict[str, float], dict[str, str]]:
+    records, h_scales, directions = [], {}, {}
     for text in texts:
         arm, seed, path = parse_run_argument(text)
         records.append(adopt_run(arm, seed, path))
-        report = json.loads((Path(path) / "report.json").read_text())
-        h_scales[arm] = float(report.get("run", {}).get("elevation_scale", 1000.0))
-    return records, h_scales
+        config = json.loads((Path(path) / "model" / "config.json").read_text())
+        h_scales[arm] = float(config.get("elevation_scale", 1000.0))
+        directions[arm] = config.get("elevation_bias_direction", "downslope")
+    return records, h_scales, directions
 
 
 def _evaluate(out: Path, records: Sequence[RunRecord], corpus: Path, args: argparse.Namespace,
@@ -147,11 +149,12 @@ def run_experiment(args: argparse.Namespace, log: Any = _log) -> dict:
     corpus = _resolve_corpus(args)
     plan: dict[str, Any] = {"title": args.title, "corpus": str(corpus)}
     if args.run:
-        records, h_scales = _adopted_runs(args.run)
+        records, h_scales, directions = _adopted_runs(args.run)
         plan["baseline"] = "finished runs given with --run"
     else:
         arms: list[ArmSpec] = parse_arms(args.arms)
         h_scales = {a.name: a.elevation_scale for a in arms}
+        directions = {a.name: a.direction for a in arms}
         train_corpus = corpus
         if args.val_shards:
             train_corpus = make_corpus_view(corpus, out / "corpus-view",
@@ -180,7 +183,8 @@ def run_experiment(args: argparse.Namespace, log: Any = _log) -> dict:
     first = next(iter(next(iter(evals.values())).values()))
     plan["eval"]["n_samples"] = first.metrics["evaluated"]["n_samples"]
     report = write_report(out / "report", plan=plan, records=records, evals=evals,
-                          config=config, ctx=ctx, h_scales=h_scales, n_boot=args.n_boot)
+                          config=config, ctx=ctx, h_scales=h_scales, n_boot=args.n_boot,
+                          directions=directions)
     log(f"report written to {out / 'report' / 'report.md'}")
     return report
 

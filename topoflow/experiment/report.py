@@ -148,7 +148,7 @@ def _runs_table(records: Sequence[RunRecord]) -> str:
 
 def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Sequence[RunRecord],
              ctx: CorpusContext, variables: Sequence[str], patch_size: int, h_scales: Mapping,
-             alphas: Mapping) -> list[dict[str, str]]:
+             alphas: Mapping, directions: Mapping[str, str]) -> list[dict[str, str]]:
     figures = []
     curves: dict[str, dict[int, tuple]] = {}
     for r in records:
@@ -173,13 +173,17 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
         block0 = [v.get("0") for v in alphas.get(arm, {}).values() if "0" in v]
         if block0:
             alpha = float(np.mean(block0))
+            direction = directions.get(arm, "downslope")
             path = plot_attention_bias(ctx.elevation_m, out / f"attention_bias_{arm}.png",
                                        patch_size=patch_size, alpha=alpha,
                                        h_scale_m=float(h_scales.get(arm, 1000.0)),
-                                       extent=ctx.extent)
-            caption = (f"Attention bias of block 0 of {arm} with its learned alpha (mean over "
-                       f"seeds, {alpha:.4f}) for a low patch beside high terrain (star): darker "
-                       "= stronger penalty on attending to that higher patch.")
+                                       extent=ctx.extent, direction=direction)
+            where = ("a low patch beside high terrain" if direction == "downslope"
+                     else "a high patch above low terrain")
+            what = "higher" if direction == "downslope" else "lower"
+            caption = (f"Attention bias of block 0 of {arm} ({direction}) with its learned alpha "
+                       f"(mean over seeds, {alpha:.4f}) for {where} (star): darker = stronger "
+                       f"penalty on attending to that {what} patch.")
             if alpha <= 0:
                 caption += (" The learned alpha is <= 0, so the bias is zero everywhere and the "
                             "right panel is uniformly 0: this arm ended with no elevation bias.")
@@ -189,8 +193,8 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
 
 def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Sequence[RunRecord],
                  evals: Mapping[str, Mapping[int, EvaluationResult]], config: Any,
-                 ctx: CorpusContext, h_scales: Mapping[str, float], n_boot: int = 2000
-                 ) -> dict:
+                 ctx: CorpusContext, h_scales: Mapping[str, float], n_boot: int = 2000,
+                 directions: Mapping[str, str] | None = None) -> dict:
     """Compute every comparison, draw the figures, write report.md and report.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +211,7 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
     for r in records:
         alphas.setdefault(r.arm, {})[r.seed] = run_alphas(r.path)
     figures = _figures(out, comparisons, records, ctx, variables, int(config.patch_size),
-                       h_scales, alphas)
+                       h_scales, alphas, directions or {})
     report = {
         "plan": dict(plan),
         "runs": [r.to_dict() for r in records],
