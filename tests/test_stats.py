@@ -211,3 +211,18 @@ def test_gains_by_variable_and_lead_find_the_planted_variable():
             assert 0.09 < entry["ci_low"] <= entry["ci_high"] < 0.11
         else:
             assert entry["ci_low"] < 0 < entry["ci_high"]
+
+
+def test_a_seed_that_disagrees_in_sign_vetoes_the_verdict():
+    # The bootstrap over test times is sure (planted 0.01 reduction), but one of three training
+    # seeds went the other way: the claim would not survive another seed.
+    rng = np.random.default_rng(8)
+    ids, control = _control(200, rng)
+    paired = paired_samples(ids, control, ids, control - 0.01)
+    agree = verdict(paired, seeds=seed_spread({0: 0.4, 1: 0.41, 2: 0.39},
+                                              {0: 0.39, 1: 0.40, 2: 0.38}))
+    assert agree.significant and agree.direction == "TopoFlow better"
+    split = verdict(paired, seeds=seed_spread({0: 0.4, 1: 0.41, 2: 0.39},
+                                              {0: 0.39, 1: 0.42, 2: 0.38}))
+    assert not split.significant and split.direction == "not consistent across seeds"
+    assert split.text.startswith("Not established") and "differ in sign" in split.text

@@ -580,7 +580,8 @@ def verdict(
 ) -> Verdict:
     """Bootstrap interval, both Wilcoxon p-values and the verdict text for one arm.
 
-    Significant means the bootstrap interval of the mean reduction excludes 0; the Wilcoxon
+    Significant means the bootstrap interval of the mean reduction excludes 0 and, when `seeds` is
+    given, every seed's reduction has the interval's sign; the Wilcoxon
     p-values are reported beside it, the one on block means being the honest one. Its blocks are
     twice the bootstrap block length (but leave at least 8 means): adjacent means of blocks of
     length b are still correlated, and on AR(1) nulls (rho 0.8, 500 init times) 2b brought the
@@ -595,7 +596,14 @@ def verdict(
     w_blocks = wilcoxon_signed_rank(means, correction=True)
     lo, hi = boot.ci
     significant = lo > 0 or hi < 0
-    if not significant:
+    # The bootstrap holds the trained models fixed: it measures the test-set noise, not how much
+    # another training seed would change the answer. So a seed that disagrees in sign vetoes.
+    seeds_disagree = significant and seeds is not None and not _same_sign_in_every_seed(
+        seeds, positive=lo > 0)
+    significant = significant and not seeds_disagree
+    if seeds_disagree:
+        direction = "not consistent across seeds"
+    elif not significant:
         direction = "no significant difference"
     else:
         direction = f"{arm_name} better" if lo > 0 else f"{arm_name} worse"
@@ -616,6 +624,11 @@ def verdict(
     return result
 
 
+def _same_sign_in_every_seed(seeds: SeedSpread, *, positive: bool) -> bool:
+    reductions = np.asarray(seeds.reduction_per_seed, dtype=np.float64)
+    return bool(np.all(reductions > 0) if positive else np.all(reductions < 0))
+
+
 def _verdict_text(v: Verdict) -> str:
     b = v.bootstrap
     level = f"{100 * b.confidence:.0f}%"
@@ -628,6 +641,10 @@ def _verdict_text(v: Verdict) -> str:
     )
     if v.significant:
         head = f"{v.direction[0].upper()}{v.direction[1:]}: {effect}; the interval excludes 0."
+    elif v.direction == "not consistent across seeds":
+        head = (f"Not established: {effect}; the interval excludes 0, but the per-seed reductions "
+                f"{[float(f'{r:.3g}') for r in v.seeds.reduction_per_seed]} differ in sign, so "
+                "another training seed could reverse it.")
     else:
         head = f"No significant difference: {effect}; the interval contains 0."
     design = (
