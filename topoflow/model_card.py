@@ -213,6 +213,7 @@ _ARCHITECTURE_KEYS = (
     ("elevation-bias blocks", "elevation_bias_blocks"),
     ("H_scale (m)", "elevation_scale"),
     ("alpha init", "elevation_alpha_init"),
+    ("bias direction", "elevation_bias_direction"),
 )
 
 
