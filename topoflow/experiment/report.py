@@ -146,6 +146,10 @@ def _runs_table(records: Sequence[RunRecord]) -> str:
     return "\n".join(lines)
 
 
+FIGURE_PATTERNS = ("val_loss_curves.png", "gain_map_*.png", "gain_bars_*.png",
+                   "attention_bias_*.png")
+
+
 def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Sequence[RunRecord],
              ctx: CorpusContext, variables: Sequence[str], patch_size: int, h_scales: Mapping,
              alphas: Mapping, directions: Mapping[str, str]) -> list[dict[str, str]]:
@@ -198,6 +202,10 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
     """Compute every comparison, draw the figures, write report.md and report.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A rerun with fewer arms must not leave the figures of the dropped arms beside the new report.
+    for pattern in FIGURE_PATTERNS:
+        for stale in out.glob(pattern):
+            stale.unlink()
     variables = list(config.target_variables)
     if CONTROL not in evals:
         raise ValueError(f"no '{CONTROL}' arm among the evaluated arms {sorted(evals)}")
