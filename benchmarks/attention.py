@@ -18,6 +18,7 @@ import ctypes
 import gc
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -245,19 +246,30 @@ def _unmap_large_blocks_on_free() -> None:
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed; memory numbers would be wrong")
 
 
-def report_memory(lengths: list[int], heads: int, head_dim: int) -> None:
+def measure_memory(length: int, heads: int, head_dim: int) -> tuple[float, float]:
+    """(plain, biased) peak extra MiB of one fwd+bwd; meant for a fresh process (see below)."""
     _unmap_large_blocks_on_free()
-    print(f"\n== peak extra resident memory of fwd+bwd (MiB), B=1, h={heads}, d={head_dim} ==")
+    steps = make_steps(length, heads, head_dim)
+    steps["biased fwd+bwd"]()  # first call allocates lazily initialized state
+    plain = peak_extra_mib(steps["plain fwd+bwd"])
+    biased = peak_extra_mib(steps["biased fwd+bwd"])
+    return plain, biased
+
+
+def report_memory(lengths: list[int], heads: int, head_dim: int, threads: int) -> None:
+    """Each N in its own process: in one process, heap pages kept from earlier (larger or timed)
+    steps would hide part of a later step's allocations and make the small-N numbers too low."""
+    print(f"\n== peak extra resident memory of fwd+bwd (MiB), B=1, h={heads}, d={head_dim}, "
+          "one fresh process per N ==")
     previous = None
     for length in lengths:
-        steps = make_steps(length, heads, head_dim)
-        steps["biased fwd+bwd"]()  # first call allocates lazily initialized state
-        plain = peak_extra_mib(steps["plain fwd+bwd"])
-        biased = peak_extra_mib(steps["biased fwd+bwd"])
+        command = [sys.executable, __file__, "--measure-memory", str(length), "--heads",
+                   str(heads), "--head-dim", str(head_dim), "--threads", str(threads)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        plain, biased = (float(x) for x in output.split()[-2:])
         growth = f"x{biased / previous:.2f} per doubling" if previous else ""
         print(f"  N={length:5d}  plain {plain:7.1f}  biased {biased:7.1f}  {growth}")
         previous = biased
-        del steps
     print("  targets: biased grows <= 2.1x per doubling, < 600 MiB at N=8192")
 
 
@@ -270,15 +282,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--exact-length", type=int, default=384)
     parser.add_argument("--skip", nargs="*", default=[], choices=["exact", "speed", "memory"])
+    parser.add_argument("--measure-memory", type=int, default=None, metavar="N",
+                        help=argparse.SUPPRESS)  # internal: one N, printed for report_memory
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.measure_memory is not None:
+        print(*measure_memory(args.measure_memory, args.heads, args.head_dim))
+        return
     print(f"torch {torch.__version__}, {args.threads} threads")
     if "exact" not in args.skip:
         report_exactness(args.exact_length, 4, args.head_dim)
     if "speed" not in args.skip:
         report_speed(args.lengths, args.heads, args.head_dim, args.repeats)
     if "memory" not in args.skip:
-        report_memory(args.lengths, args.heads, args.head_dim)
+        report_memory(args.lengths, args.heads, args.head_dim, args.threads)
 
 
 if __name__ == "__main__":
