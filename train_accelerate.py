@@ -192,13 +192,11 @@ ALPHA_GROUP = "elevation_alpha"
 def make_optimizer(model: torch.nn.Module, args: Any) -> torch.optim.Optimizer:
     """AdamW with three groups: matrices (weight decay), other vectors and scalars (none), and the
     elevation alphas (none, their own learning rate, projected onto alpha >= 0 after each step)."""
-    decay, no_decay, alphas = [], [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith("attn.elevation_alpha"):
-            alphas.append(param)
-        else:
+    alphas = [p for p in model.elevation_alpha_parameters() if p.requires_grad]
+    alpha_ids = {id(p) for p in alphas}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad and id(param) not in alpha_ids:
             (decay if param.ndim >= 2 else no_decay).append(param)
     alpha_lr = alpha_learning_rate(args, model.config)
     groups = [{"params": decay, "weight_decay": args.weight_decay},
@@ -212,18 +210,6 @@ def alpha_learning_rate(args: Any, config: Any) -> float:
     if args.alpha_learning_rate is not None:
         return args.alpha_learning_rate
     return args.learning_rate / config.initializer_range
-
-
-@torch.no_grad()
-def project_alphas(optimizer: torch.optim.Optimizer) -> None:
-    """alpha >= 0 after every step: below 0 the clamped bias and alpha's gradient are exactly 0,
-    so an alpha one step pushes negative would never come back (see
-    TopoFlowPreTrainedModel.project_elevation_alpha_). Works on the optimizer's own parameters,
-    so it also holds for wrapped (DDP) and sharded (FSDP2) models."""
-    for group in optimizer.param_groups:
-        if group.get("name") == ALPHA_GROUP:
-            for param in group["params"]:
-                param.clamp_(min=0.0)
 
 
 def elevation_alphas(model: torch.nn.Module) -> dict[str, float]:
@@ -308,7 +294,9 @@ def train_step(model: Any, group: list[dict[str, torch.Tensor]], optimizer: Any,
         logger.warning("step %d: no valid target cell in the whole batch; step skipped", step)
     if not skip:
         optimizer.step()
-        project_alphas(optimizer)
+        # Below 0 the clamped bias and alpha's gradient are both 0: keep alpha >= 0. The unwrapped
+        # module holds the very parameters the optimizer updates (also under DDP and FSDP2).
+        accelerator.unwrap_model(model).project_elevation_alpha_()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"step": step, "epoch": state.epoch,

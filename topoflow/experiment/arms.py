@@ -15,6 +15,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from configuration_topoflow import ELEVATION_BIAS_DIRECTIONS as DIRECTIONS
+
 __all__ = [
     "CONTROL",
     "KNOWN_ARMS",
@@ -25,7 +27,6 @@ __all__ = [
 ]
 
 CONTROL = "control"
-DIRECTIONS = ("downslope", "upslope")  # configuration_topoflow.ELEVATION_BIAS_DIRECTIONS
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
