@@ -39,7 +39,7 @@ _LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith(repo)]
     sys.meta_path = [f for f in sys.meta_path if "__editable__" not in type(f).__module__
                      and "__editable__" not in getattr(f, "__module__", "")]
-    BLOCKED = {"topoflow", "modeling_topoflow", "configuration_topoflow"}
+    BLOCKED = {"topoflow", "modeling_topoflow", "configuration_topoflow", "attention_topoflow"}
     class BlockPackage:  # whatever installed the package, these top-level names stay unknown
         @staticmethod
         def find_spec(name, path=None, target=None):
@@ -47,7 +47,7 @@ _LOAD_WITHOUT_PACKAGE = textwrap.dedent(
                 raise ImportError(f"{name} is blocked in this test")
             return None
     sys.meta_path.insert(0, BlockPackage)
-    for name in ("topoflow", "modeling_topoflow", "configuration_topoflow"):
+    for name in ("topoflow", "modeling_topoflow", "configuration_topoflow", "attention_topoflow"):
         try:
             __import__(name)
         except ImportError:
@@ -87,6 +87,7 @@ def test_export_writes_a_complete_hub_folder(run_dir: Path, tmp_path: Path) -> N
     assert names == {
         "config.json",
         "model.safetensors",
+        "attention_topoflow.py",
         "configuration_topoflow.py",
         "modeling_topoflow.py",
         "README.md",

@@ -3,11 +3,12 @@
     python -m topoflow.export RUN_DIR --out EXPORT_DIR --repo-id org/name [--private]
         [--revision BRANCH] [--create-pr] [--dry-run]
 
-The exported folder holds config.json, the safetensors weights, the two Hub files
-(configuration_topoflow.py, modeling_topoflow.py), a README.md model card rendered from the run's
-report.json and val_loss.csv, the val-loss plot, the run's report as training_report.json, and a
-SHA256SUMS manifest. Weights with NaN/Inf and pickle files are refused before anything is written.
-With --dry-run nothing leaves the machine; otherwise the folder is uploaded with huggingface_hub.
+The exported folder holds config.json, the safetensors weights, the Hub files
+(attention_topoflow.py, configuration_topoflow.py, modeling_topoflow.py), a README.md model card
+rendered from the run's report.json and val_loss.csv, the val-loss plot, the run's report as
+training_report.json, and a SHA256SUMS manifest. Weights with NaN/Inf and pickle files are refused
+before anything is written. With --dry-run nothing leaves the machine; otherwise the folder is
+uploaded with huggingface_hub.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ __all__ = [
     "main",
 ]
 
-HUB_FILES = ("configuration_topoflow.py", "modeling_topoflow.py")
+# modeling_topoflow.py imports attention_topoflow.py relatively: remote code needs all three.
+HUB_FILES = ("attention_topoflow.py", "configuration_topoflow.py", "modeling_topoflow.py")
 RUN_INFO = "run_info.json"
 # train_accelerate.py arguments that make up the recipe shown on the card.
 RECIPE_KEYS = (
