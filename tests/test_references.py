@@ -1,6 +1,7 @@
 """Reference forecasts against hand-computed answers: persistence, climatology with NaN holes,
 damped anomaly persistence, skill on the same cells, and the references scored like a model."""
 
+import json
 from datetime import datetime, timezone
 
 import numpy as np
@@ -235,3 +236,29 @@ def test_references_are_scored_like_a_model_on_the_same_samples(synthetic_corpus
                 assert own["rmse"] == pytest.approx(model_scores[var][lead][f"rmse_{name}"])
                 assert own[f"skill_{name}"] == pytest.approx(0.0, abs=1e-12)
     assert results["climatology"].metrics["evaluated"]["model"] == "reference: climatology"
+
+
+def test_references_command_prints_and_saves_the_scores(synthetic_corpus, tmp_path, capsys):
+    from topoflow.cli import main
+
+    argv = ["references", "--corpus", str(synthetic_corpus), "--split", "test", "--leads", "6",
+            "24", "--references-dir", str(tmp_path / "refs")]  # fmt: skip
+    assert main([*argv, "--json", str(tmp_path / "a.json")]) == 0
+    printed = capsys.readouterr().out
+    first = json.loads((tmp_path / "a.json").read_text())
+    assert list(first["test_loss"]) == ["persistence", "climatology", "damped_persistence"]
+    for name, row in first["test_loss"].items():
+        assert (
+            f"{name}" in printed and f"{row['all']:.4f}" in printed and f"{row['6']:.4f}" in printed
+        )
+    assert (tmp_path / "refs" / "damped_persistence.safetensors").is_file()
+    fitted = DampedPersistence.load(
+        tmp_path / "refs" / "damped_persistence.safetensors",
+        Climatology.load(tmp_path / "refs" / "climatology.safetensors"),
+    )
+    assert first["damping_factors"]["o3"]["24"] == pytest.approx(float(fitted.factors[1, 5]))
+    # A second run loads the saved references and scores the same.
+    assert main([*argv, "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["test_loss"] == first["test_loss"]
+    assert main(["references", "--corpus", str(tmp_path / "nowhere")]) == 2
+    assert f"--corpus {tmp_path / 'nowhere'}" in capsys.readouterr().err

@@ -19,10 +19,11 @@ set depends only on the sample ids, so it is the same for every model and every 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -38,6 +39,7 @@ __all__ = [
     "evaluate_forecasters",
     "evaluate_models",
     "load_evaluation",
+    "test_loss_row",
 ]
 
 METRICS_JSON = "metrics.json"
@@ -79,6 +81,17 @@ def load_evaluation(folder: str | Path) -> EvaluationResult:
     per_sample = PerSampleErrors(rows["sample_ids"], rows["sq_err_sum"], rows["count"])
     return EvaluationResult(json.loads((folder / METRICS_JSON).read_text()),
                             load_file(str(folder / METRICS_STATE)), per_sample, folder)
+
+
+def test_loss_row(per_sample: Sequence[PerSampleErrors] | PerSampleErrors,
+                  lead_times_hours: Sequence[int]) -> dict[str, float]:
+    """{"all": test loss, "<lead>": test loss at that lead, ...} of one forecaster; given several
+    runs (seeds), each value is the mean over them (the experiment's per-seed test loss)."""
+    runs = [per_sample] if isinstance(per_sample, PerSampleErrors) else list(per_sample)
+    keys: list[int | None] = [None, *lead_times_hours]
+    return {("all" if lead is None else str(lead)): float(np.mean([r.test_loss(lead)
+                                                                   for r in runs]))
+            for lead in keys}
 
 
 def _load_models(model_dirs: Mapping[str, str | Path]) -> dict[str, Any]:
