@@ -286,7 +286,19 @@ def test_export_scores_a_run_without_scores_on_its_corpus(
     assert {(v, h) for v, h, _ in scores} == {
         (v, h) for v in config.target_variables for h in config.lead_times_hours
     }
-    assert "scored at export" in (folder / "README.md").read_text()
+    # Skill against every reference, in every pollutant x lead cell.
+    assert {key for key in scores if key[2].startswith("skill")} == {
+        (v, h, f"skill_{ref}")
+        for v in config.target_variables
+        for h in config.lead_times_hours
+        for ref in ("persistence", "climatology", "damped_persistence")
+    }
+    readme = (folder / "README.md").read_text()
+    assert "scored at export" in readme
+    test_loss = written["metrics"]["test_loss"]
+    assert list(test_loss) == ["model", "persistence", "climatology", "damped_persistence"]
+    for name, row in test_loss.items():
+        assert f"| {name} | {row['all']:.4g} |" in readme
 
 
 def test_card_dataset_fields_follow_the_corpus_provenance() -> None:
