@@ -98,6 +98,11 @@ def test_reference_forecasts_and_skill_by_hand_on_the_cells_each_reference_defin
     assert o3["skill_damped_persistence"] == pytest.approx(1.0)
     assert o3["rmse_damped_persistence"] == pytest.approx(np.sqrt(50.0))
     assert metrics.compute()["variables"]["o3"]["24"]["skill_damped_persistence"] is None
+    # Reference forecasts computed once and handed to another accumulator score the same.
+    again = _metrics(damped_persistence=metrics.damped_persistence)
+    batch = (((model - mean) / std)[None], ((truth - mean) / std)[None])
+    again.add(*batch, torch.ones((1, 1, 3), dtype=torch.bool), ids, fields=fields, references=refs)
+    assert again.compute() == metrics.compute()
 
 
 def test_test_loss_is_the_mean_of_per_sample_losses_with_unequal_valid_counts():

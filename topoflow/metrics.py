@@ -399,8 +399,12 @@ class ForecastMetrics:
         region_mask: torch.Tensor,
         sample_ids: torch.Tensor,
         fields: torch.Tensor | None = None,
+        references: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Accumulate one batch; `fields` (normalized inputs at init time) enables persistence."""
+        """Accumulate one batch; `fields` (normalized inputs at init time) enables persistence.
+
+        `references` is this batch's `reference_forecasts(sample_ids, fields)`, when the caller
+        already has it (several accumulators fed the same batch compute it once)."""
         self._check_shapes(forecast, labels, region_mask, sample_ids)
         forecast, labels = forecast.detach().double().cpu(), labels.detach().double().cpu()
         sample_ids = sample_ids.detach().cpu().long().clone()  # kept in the per-sample rows
@@ -419,7 +423,9 @@ class ForecastMetrics:
         self.sums["cell_sq_err"] += err.pow(2).sum(0)
         self.sums["cell_count"] += valid.sum(0).double()
         physical_labels = labels * std + self.mean[None, :, None, None]
-        for name, reference in self.reference_forecasts(sample_ids, fields).items():
+        if references is None:
+            references = self.reference_forecasts(sample_ids, fields)
+        for name, reference in references.items():
             # A cell where the reference is undefined counts for neither side of the skill.
             ref_valid = valid & torch.isfinite(reference)
             ref_err = torch.where(ref_valid, reference - physical_labels, zero)
