@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from topoflow.corpus import CorpusMetadata
 from topoflow.metrics import Climatology, ForecastMetrics, PerSampleErrors
 from topoflow.references import (
     DampedPersistence,
@@ -148,7 +149,6 @@ def test_fit_on_a_corpus_matches_the_loaders_sample_pairs(tmp_path):
     """Factors fitted from the shards equal a least-squares fit over the loader's own training
     samples (init state from `fields`, truth from `labels`), halo targets included."""
     from tests.fixtures_corpus import write_synthetic_corpus
-    from topoflow.corpus import CorpusMetadata
     from topoflow.data import make_forecast_dataset
 
     corpus = tmp_path / "corpus"
@@ -192,7 +192,6 @@ def test_fit_errors_name_the_variable_and_lead(tmp_path):
 def test_references_are_scored_like_a_model_on_the_same_samples(synthetic_corpus):
     from modeling_topoflow import TopoFlowForForecasting
     from tests.fixtures_model import make_tiny_config
-    from topoflow.corpus import CorpusMetadata
     from topoflow.data import make_forecast_dataset
     from topoflow.experiment.evaluate import evaluate_forecasters
 
@@ -265,5 +264,23 @@ def test_references_command_prints_and_saves_the_scores(synthetic_corpus, tmp_pa
     # A second run loads the saved references and scores the same.
     assert main([*argv, "--json", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["test_loss"] == first["test_loss"]
+    # The function form with a model: the model first, the references as the command scored them.
+    from modeling_topoflow import TopoFlowForForecasting
+    from tests.fixtures_model import make_tiny_config
+    from topoflow.score_references import score_references
+
+    stats = CorpusMetadata.load(synthetic_corpus).normalization
+    config = make_tiny_config(
+        img_size=(4, 6),
+        depth=1,
+        lead_times_hours=[6, 24],
+        variable_mean={v: stats[v]["mean"] for v in stats},
+        variable_std={v: stats[v]["std"] for v in stats},
+    )
+    out = score_references(
+        synthetic_corpus, model=TopoFlowForForecasting(config), references_dir=tmp_path / "refs"
+    )
+    assert list(out["test_loss"]) == ["model", *first["test_loss"]]
+    assert {k: v for k, v in out["test_loss"].items() if k != "model"} == first["test_loss"]
     assert main(["references", "--corpus", str(tmp_path / "nowhere")]) == 2
     assert f"--corpus {tmp_path / 'nowhere'}" in capsys.readouterr().err
