@@ -448,9 +448,24 @@ class ForecastMetrics:
             refs["damped_persistence"] = self.damped_persistence.forecast(state, sample_ids)
         return refs
 
-    def normalize(self, physical: torch.Tensor) -> torch.Tensor:
-        """Physical-unit target fields `(B, V, H, W)` in the normalized space of `add`."""
-        return (physical - self.mean[None, :, None, None]) / self.std[None, :, None, None]
+    def add_physical_forecast(
+        self,
+        forecast: torch.Tensor,
+        labels: torch.Tensor,
+        region_mask: torch.Tensor,
+        sample_ids: torch.Tensor,
+        fields: torch.Tensor | None = None,
+        references: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """`add` for a forecast in physical units (a reference forecast scored like a model), NaN
+        where the forecaster is undefined: those cells are taken out of the labels, so they count
+        for none of its scores."""
+        forecast = forecast.detach().double().cpu()
+        defined = torch.isfinite(forecast)
+        labels = torch.where(defined, labels.detach().double().cpu(), torch.nan)
+        mean, std = self.mean[None, :, None, None], self.std[None, :, None, None]
+        normalized = (torch.where(defined, forecast, mean) - mean) / std
+        self.add(normalized, labels, region_mask, sample_ids, fields, references)
 
     def _add_reference(
         self,

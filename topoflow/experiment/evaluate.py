@@ -151,15 +151,6 @@ def evaluate_models(model_dirs: Mapping[str, str | Path], corpus: str | Path, *,
     return results
 
 
-def _reference_batch(metric: ForecastMetrics, forecast: torch.Tensor, labels: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A reference forecast (physical units) as a model's (normalized) output; its undefined
-    cells are taken out of the labels, so they count for no score of it."""
-    defined = torch.isfinite(forecast)
-    labels = torch.where(defined, labels.double(), torch.nan)
-    return metric.normalize(torch.nan_to_num(forecast)), labels
-
-
 @torch.no_grad()
 def evaluate_forecasters(models: Mapping[str, Any], corpus: str | Path, *, config: Any,
                          split: str = "test", batch_size: int = 32, init_stride: int = 1,
@@ -215,9 +206,8 @@ def evaluate_forecasters(models: Mapping[str, Any], corpus: str | Path, *, confi
             continue
         for name, forecast in forecasts.items():
             metric = references.setdefault(name, new_metrics())
-            ref_forecast, labels = _reference_batch(metric, forecast, batch["labels"])
-            metric.add(ref_forecast, labels, batch["region_mask"], batch["sample_ids"],
-                       fields=batch["fields"], references=forecasts)
+            metric.add_physical_forecast(forecast, batch["labels"], batch["region_mask"],
+                                         batch["sample_ids"], batch["fields"], forecasts)
     info = {"corpus": str(corpus), "split": split, "init_stride": init_stride,
             "max_batches": max_batches, "climatology": climatology is not None,
             "damped_persistence": damped_persistence is not None}
