@@ -95,6 +95,8 @@ def test_two_arms_two_seeds_write_a_complete_report(experiment: Path) -> None:
         assert own[f"skill_{name}"] == pytest.approx(0.0, abs=1e-12)
         assert report["scores"]["control"]["variables"]["o3"]["all"][f"skill_{name}"] is not None
     assert "## Test loss of every arm and reference forecast" in md
+    beaten = any(losses[f"reference: {r}"]["all"] <= losses["control"]["all"] for r in references)
+    assert ("**Warning:** the control's test loss" in md) == beaten
     assert "| reference: damped_persistence |" in md and "skill vs damped persistence" in md
 
 

@@ -211,7 +211,7 @@ def test_fit_on_a_corpus_matches_the_loaders_sample_pairs(tmp_path):
     assert factors.min() > -1 and factors.max() < 1 and not np.allclose(factors, 0)
 
 
-def test_fit_errors_name_the_variable_and_lead(tmp_path):
+def test_fit_errors_name_what_is_wrong_and_hour_bins_pass_through(tmp_path):
     from tests.fixtures_corpus import write_synthetic_corpus
 
     corpus = tmp_path / "corpus"
@@ -221,6 +221,9 @@ def test_fit_errors_name_the_variable_and_lead(tmp_path):
     clim = build_climatology(corpus, TARGETS)
     with pytest.raises(ValueError, match=r"lead times \[9, 48\] h"):
         fit_damped_persistence(corpus, clim, [6, 9, 48])
+    coarse = References.fit(corpus, TARGETS, [6], hours_per_bin=6)
+    assert References.load(coarse.save(tmp_path / "coarse")).climatology.hours_per_bin == 6
+    assert sorted(coarse.climatology.sums) == [(1, 0), (1, 6), (1, 12), (1, 18)]
 
 
 def test_references_are_scored_like_a_model_on_the_same_samples(synthetic_corpus):

@@ -253,8 +253,13 @@ class References:
         *,
         split: str = "train",
         revision: str | None = None,
+        hours_per_bin: int = 1,
     ) -> References:
-        clim = build_climatology(corpus, target_variables, split=split, revision=revision)
+        """Fit both on `split`; `hours_per_bin` groups hours of day in the climatology (memory:
+        see `Climatology`)."""
+        clim = build_climatology(
+            corpus, target_variables, split=split, revision=revision, hours_per_bin=hours_per_bin
+        )
         damped = fit_damped_persistence(
             corpus, clim, lead_times_hours, split=split, revision=revision
         )
