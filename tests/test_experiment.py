@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from topoflow.experiment import main
+from topoflow.experiment import load_evaluation, main
 
 STEPS = ["--max-steps", "3", "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1",
          "--launcher", "inprocess", "--n-boot", "200", "--eval-batch-size", "16"]
@@ -80,6 +80,24 @@ def test_two_arms_two_seeds_write_a_complete_report(experiment: Path) -> None:
     view = json.loads((experiment / "corpus-view" / "topoflow_corpus.json").read_text())
     assert sum(s["split"] == "validation" for s in view["shards"]) == 2
     assert report["plan"]["eval"]["n_samples"] > 0
+    # The three references, scored like the arms on the same samples, beside them.
+    references = ["persistence", "climatology", "damped_persistence"]
+    losses = report["test_loss"]
+    assert list(losses) == ["control", "topoflow", *(f"reference: {r}" for r in references)]
+    per_seed = comparison["per_seed_test_loss"]
+    assert losses["control"]["all"] == pytest.approx(
+        sum(v["control"] for v in per_seed.values()) / len(per_seed))
+    assert set(losses["control"]) == {"all", *(str(h) for h in leads)}
+    for name in references:
+        saved = load_evaluation(experiment / "eval" / "references" / name)
+        assert losses[f"reference: {name}"]["all"] == saved.per_sample.test_loss()
+        own = report["scores"][f"reference: {name}"]["variables"]["o3"]["all"]
+        assert own[f"skill_{name}"] == pytest.approx(0.0, abs=1e-12)
+        assert report["scores"]["control"]["variables"]["o3"]["all"][f"skill_{name}"] is not None
+    assert "## Test loss of every arm and reference forecast" in md
+    beaten = any(losses[f"reference: {r}"]["all"] <= losses["control"]["all"] for r in references)
+    assert ("**Warning:** the control's test loss" in md) == beaten
+    assert "| reference: damped_persistence |" in md and "skill vs damped persistence" in md
 
 
 def test_rerun_reuses_runs_and_drops_figures_of_arms_no_longer_compared(
@@ -88,6 +106,8 @@ def test_rerun_reuses_runs_and_drops_figures_of_arms_no_longer_compared(
     stale.write_bytes(b"\x89PNG\r\n\x1a\n old")
     run_report = experiment / "runs" / "topoflow" / "seed0" / "report.json"
     trained = run_report.stat().st_mtime_ns
+    reference = experiment / "eval" / "references" / "damped_persistence" / "metrics.json"
+    scored = reference.stat().st_mtime_ns
     code = main(["--output-dir", str(experiment), "--model", str(baseline), "--corpus",
                  str(tiny_corpus), "--arms", "control", "topoflow", "--seeds", "0", "1",
                  "--val-shards", "2", "--train-arg=--debug-log-sample-ids", *STEPS])
@@ -95,6 +115,7 @@ def test_rerun_reuses_runs_and_drops_figures_of_arms_no_longer_compared(
     assert not stale.exists()
     assert (experiment / "report" / "gain_map_topoflow.png").is_file()
     assert run_report.stat().st_mtime_ns == trained  # the run was reused, not retrained
+    assert reference.stat().st_mtime_ns == scored  # and the references were not scored again
 
 
 def test_runs_share_data_order_across_arms(experiment: Path) -> None:
@@ -123,6 +144,9 @@ def test_identical_arms_report_no_significant_difference(baseline: Path, tiny_co
     assert verdict["direction"] == "no significant difference"
     assert verdict["bootstrap"]["mean_reduction"] == 0.0
     assert "No significant difference" in (out / "report" / "report.md").read_text()
+    # Without the training-split references only persistence is scored, and said so.
+    assert list(report["test_loss"]) == ["control", "twin", "reference: persistence"]
+    assert report["scores"]["control"]["variables"]["o3"]["all"]["skill_climatology"] is None
 
 
 def test_finished_runs_are_adopted_without_training(experiment: Path, tiny_corpus: Path,

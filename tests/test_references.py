@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from topoflow.corpus import CorpusMetadata
 from topoflow.metrics import Climatology, ForecastMetrics, PerSampleErrors
 from topoflow.references import (
     DampedPersistence,
@@ -62,27 +63,38 @@ def test_damped_factors_are_the_least_squares_fit_on_valid_region_cells():
     np.testing.assert_array_equal(damped.count.numpy(), [[2, 1], [3, 2]])
 
 
+def _hand_case() -> dict:
+    """One sample on the 1 x 3 grid, lead 12 h from 2017-01-05 00 UTC: the state at init, the
+    truth and a model forecast in physical units, and what `ForecastMetrics.add` takes."""
+    mean = torch.tensor([50.0, 80.0])[:, None, None]
+    std = torch.tensor([20.0, 10.0])[:, None, None]
+    state = torch.tensor([[[50.0, 30.0, 45.0]], [[80.0, 100.0, 60.0]]])  # pm25, o3 at init
+    truth = torch.tensor([[[70.0, 40.0, 55.0]], [[95.0, 85.0, 70.0]]])
+    model = torch.tensor([[[68.0, 43.0, 50.0]], [[95.0, 85.0, 66.0]]])
+    fields = torch.zeros((1, 3, 1, 3))  # inputs u, o3, pm25
+    fields[0, 1], fields[0, 2] = (state[1] - 80.0) / 10.0, (state[0] - 50.0) / 20.0
+    return {
+        "state": state,
+        "forecast": ((model - mean) / std)[None],
+        "labels": ((truth - mean) / std)[None],
+        "region_mask": torch.ones((1, 1, 3), dtype=torch.bool),
+        "sample_ids": torch.tensor([_hour(2017, 1, 5, 0) * 1000 + 12]),
+        "fields": fields,
+    }
+
+
 def test_reference_forecasts_and_skill_by_hand_on_the_cells_each_reference_defines():
     clim = _hand_climatology()
     metrics = _metrics(damped_persistence=_hand_damped(clim))
     assert metrics.climatology is clim
-    init = _hour(2017, 1, 5, 0)
-    ids = torch.tensor([init * 1000 + 12])
-    state = torch.tensor([[[50.0, 30.0, 45.0]], [[80.0, 100.0, 60.0]]])  # pm25, o3 at init
-    truth = torch.tensor([[[70.0, 40.0, 55.0]], [[95.0, 85.0, 70.0]]])
-    model = torch.tensor([[[68.0, 43.0, 50.0]], [[95.0, 85.0, 66.0]]])
-    mean = torch.tensor([50.0, 80.0])[:, None, None]
-    std = torch.tensor([20.0, 10.0])[:, None, None]
-    fields = torch.zeros((1, 3, 1, 3))
-    fields[0, 1], fields[0, 2] = (state[1] - 80.0) / 10.0, (state[0] - 50.0) / 20.0
-    refs = metrics.reference_forecasts(ids, fields)
+    case = _hand_case()
+    state = case.pop("state")
+    refs = metrics.reference_forecasts(case["sample_ids"], case["fields"])
     # damped = clim(Jan 12 UTC) + factor * (state - clim(Jan 00 UTC)); NaN in the climatology hole
-    expected_damped = [[[60 + 0.6 * 10, 50 + 0.6 * -20, np.nan]], [[100 + 0.5 * 10, 80 + 0.5 * 10,
-                                                                    np.nan]]]  # fmt: skip
+    expected_damped = [[[60 + 0.6 * 10, 50 + 0.6 * -20, np.nan]], [[105.0, 85.0, np.nan]]]
     np.testing.assert_allclose(refs["damped_persistence"][0].numpy(), expected_damped, rtol=1e-12)
     np.testing.assert_allclose(refs["persistence"][0].numpy(), state.numpy(), rtol=1e-6)
-    metrics.add(((model - mean) / std)[None], ((truth - mean) / std)[None],
-                torch.ones((1, 1, 3), dtype=torch.bool), ids, fields=fields)  # fmt: skip
+    metrics.add(**case)
     pm25 = metrics.compute()["variables"]["pm25"]["12"]
     # Model errors -2, 3, -5. Persistence -20, -10, -10 on all 3 cells; climatology -10, 10 and
     # damped -4, -2 on cells 0 and 1 only, and the model is compared on those two cells.
@@ -98,6 +110,34 @@ def test_reference_forecasts_and_skill_by_hand_on_the_cells_each_reference_defin
     assert o3["skill_damped_persistence"] == pytest.approx(1.0)
     assert o3["rmse_damped_persistence"] == pytest.approx(np.sqrt(50.0))
     assert metrics.compute()["variables"]["o3"]["24"]["skill_damped_persistence"] is None
+    # Reference forecasts computed once and handed to another accumulator score the same.
+    again = _metrics(damped_persistence=metrics.damped_persistence)
+    again.add(**case, references=refs)
+    assert again.compute() == metrics.compute()
+
+
+def test_references_scored_like_a_model_by_hand():
+    damped = _hand_damped(_hand_climatology())
+    case = _hand_case()
+    del case["state"], case["forecast"]
+    refs = _metrics(damped_persistence=damped).reference_forecasts(
+        case["sample_ids"], case["fields"]
+    )
+    # Normalized squared errors over the cells each reference defines, pm25 (std 20) and o3
+    # (std 10) weighted equally per cell. Damped: pm25 (-4, -2) / 20 and o3 (10, 0) / 10 on 4
+    # cells; persistence on all 6 cells; climatology: pm25 (-10, 10) / 20, o3 (5, -5) / 10.
+    expected = {
+        "damped_persistence": (0.04 + 0.01 + 1.0) / 4,
+        "climatology": 1.0 / 4,
+        "persistence": (1 + 0.25 + 0.25 + 2.25 + 2.25 + 1) / 6,
+    }
+    for name, loss in expected.items():
+        scored = _metrics(damped_persistence=damped)
+        scored.add_physical_forecast(refs[name], **case)
+        assert scored.per_sample().test_loss() == pytest.approx(loss)
+        row = scored.compute()["variables"]["pm25"]["12"]
+        assert row[f"skill_{name}"] == pytest.approx(0.0)
+        assert row["n"] == (3 if name == "persistence" else 2)  # the NaN hole counts for none
 
 
 def test_test_loss_is_the_mean_of_per_sample_losses_with_unequal_valid_counts():
@@ -143,7 +183,6 @@ def test_fit_on_a_corpus_matches_the_loaders_sample_pairs(tmp_path):
     """Factors fitted from the shards equal a least-squares fit over the loader's own training
     samples (init state from `fields`, truth from `labels`), halo targets included."""
     from tests.fixtures_corpus import write_synthetic_corpus
-    from topoflow.corpus import CorpusMetadata
     from topoflow.data import make_forecast_dataset
 
     corpus = tmp_path / "corpus"
@@ -172,7 +211,7 @@ def test_fit_on_a_corpus_matches_the_loaders_sample_pairs(tmp_path):
     assert factors.min() > -1 and factors.max() < 1 and not np.allclose(factors, 0)
 
 
-def test_fit_errors_name_the_variable_and_lead(tmp_path):
+def test_fit_errors_name_what_is_wrong_and_hour_bins_pass_through(tmp_path):
     from tests.fixtures_corpus import write_synthetic_corpus
 
     corpus = tmp_path / "corpus"
@@ -182,12 +221,14 @@ def test_fit_errors_name_the_variable_and_lead(tmp_path):
     clim = build_climatology(corpus, TARGETS)
     with pytest.raises(ValueError, match=r"lead times \[9, 48\] h"):
         fit_damped_persistence(corpus, clim, [6, 9, 48])
+    coarse = References.fit(corpus, TARGETS, [6], hours_per_bin=6)
+    assert References.load(coarse.save(tmp_path / "coarse")).climatology.hours_per_bin == 6
+    assert sorted(coarse.climatology.sums) == [(1, 0), (1, 6), (1, 12), (1, 18)]
 
 
 def test_references_are_scored_like_a_model_on_the_same_samples(synthetic_corpus):
     from modeling_topoflow import TopoFlowForForecasting
     from tests.fixtures_model import make_tiny_config
-    from topoflow.corpus import CorpusMetadata
     from topoflow.data import make_forecast_dataset
     from topoflow.experiment.evaluate import evaluate_forecasters
 
@@ -260,5 +301,23 @@ def test_references_command_prints_and_saves_the_scores(synthetic_corpus, tmp_pa
     # A second run loads the saved references and scores the same.
     assert main([*argv, "--json", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["test_loss"] == first["test_loss"]
+    # The function form with a model: the model first, the references as the command scored them.
+    from modeling_topoflow import TopoFlowForForecasting
+    from tests.fixtures_model import make_tiny_config
+    from topoflow.score_references import score_references
+
+    stats = CorpusMetadata.load(synthetic_corpus).normalization
+    config = make_tiny_config(
+        img_size=(4, 6),
+        depth=1,
+        lead_times_hours=[6, 24],
+        variable_mean={v: stats[v]["mean"] for v in stats},
+        variable_std={v: stats[v]["std"] for v in stats},
+    )
+    out = score_references(
+        synthetic_corpus, model=TopoFlowForForecasting(config), references_dir=tmp_path / "refs"
+    )
+    assert list(out["test_loss"]) == ["model", *first["test_loss"]]
+    assert {k: v for k, v in out["test_loss"].items() if k != "model"} == first["test_loss"]
     assert main(["references", "--corpus", str(tmp_path / "nowhere")]) == 2
     assert f"--corpus {tmp_path / 'nowhere'}" in capsys.readouterr().err

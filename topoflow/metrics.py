@@ -399,8 +399,12 @@ class ForecastMetrics:
         region_mask: torch.Tensor,
         sample_ids: torch.Tensor,
         fields: torch.Tensor | None = None,
+        references: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Accumulate one batch; `fields` (normalized inputs at init time) enables persistence."""
+        """Accumulate one batch; `fields` (normalized inputs at init time) enables persistence.
+
+        `references` is this batch's `reference_forecasts(sample_ids, fields)`, when the caller
+        already has it (several accumulators fed the same batch compute it once)."""
         self._check_shapes(forecast, labels, region_mask, sample_ids)
         forecast, labels = forecast.detach().double().cpu(), labels.detach().double().cpu()
         sample_ids = sample_ids.detach().cpu().long().clone()  # kept in the per-sample rows
@@ -419,7 +423,9 @@ class ForecastMetrics:
         self.sums["cell_sq_err"] += err.pow(2).sum(0)
         self.sums["cell_count"] += valid.sum(0).double()
         physical_labels = labels * std + self.mean[None, :, None, None]
-        for name, reference in self.reference_forecasts(sample_ids, fields).items():
+        if references is None:
+            references = self.reference_forecasts(sample_ids, fields)
+        for name, reference in references.items():
             # A cell where the reference is undefined counts for neither side of the skill.
             ref_valid = valid & torch.isfinite(reference)
             ref_err = torch.where(ref_valid, reference - physical_labels, zero)
@@ -442,9 +448,24 @@ class ForecastMetrics:
             refs["damped_persistence"] = self.damped_persistence.forecast(state, sample_ids)
         return refs
 
-    def normalize(self, physical: torch.Tensor) -> torch.Tensor:
-        """Physical-unit target fields `(B, V, H, W)` in the normalized space of `add`."""
-        return (physical - self.mean[None, :, None, None]) / self.std[None, :, None, None]
+    def add_physical_forecast(
+        self,
+        forecast: torch.Tensor,
+        labels: torch.Tensor,
+        region_mask: torch.Tensor,
+        sample_ids: torch.Tensor,
+        fields: torch.Tensor | None = None,
+        references: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """`add` for a forecast in physical units (a reference forecast scored like a model), NaN
+        where the forecaster is undefined: those cells are taken out of the labels, so they count
+        for none of its scores."""
+        forecast = forecast.detach().double().cpu()
+        defined = torch.isfinite(forecast)
+        labels = torch.where(defined, labels.detach().double().cpu(), torch.nan)
+        mean, std = self.mean[None, :, None, None], self.std[None, :, None, None]
+        normalized = (torch.where(defined, forecast, mean) - mean) / std
+        self.add(normalized, labels, region_mask, sample_ids, fields, references)
 
     def _add_reference(
         self,

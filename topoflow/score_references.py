@@ -9,13 +9,15 @@ prints the test loss (normalized MSE over the valid region, all targets equally 
 over samples: what `topoflow experiment` reports) overall and per lead time for persistence,
 climatology, damped persistence and the model if given, all on the same samples, then the fitted
 damping factors. Without `--model`, the targets, lead times and normalization are the default
-config's targets and leads with the corpus's training statistics.
+config's targets and leads with the corpus's training statistics. Scripts and other modules call
+`score_references(corpus, split=..., model=...)`, which returns what the command prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_corpus(corpus: str | None) -> Path:
+def _resolve_corpus(corpus: str | os.PathLike | None) -> Path:
     if corpus is not None:
         if not (Path(corpus) / "topoflow_corpus.json").is_file():
             raise FileNotFoundError(f"--corpus {corpus}: no topoflow_corpus.json there")
@@ -92,7 +94,7 @@ def _contract(corpus: Path, leads: Sequence[int] | None) -> Any:
     )
 
 
-def _references(corpus: Path, config: Any, folder: str | None, fit_split: str) -> Any:
+def _references(corpus: Path, config: Any, folder: str | os.PathLike | None, fit_split: str) -> Any:
     from topoflow.references import CLIMATOLOGY_FILE, References
 
     if folder is not None and (Path(folder) / CLIMATOLOGY_FILE).is_file():
@@ -110,42 +112,57 @@ def _references(corpus: Path, config: Any, folder: str | None, fit_split: str) -
     return refs
 
 
-def score_references(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything the command prints, as a JSON-ready dict."""
+def score_references(
+    corpus: str | os.PathLike | None = None,
+    *,
+    split: str = "test",
+    model: Any = None,
+    leads: Sequence[int] | None = None,
+    references_dir: str | os.PathLike | None = None,
+    fit_split: str = "train",
+    batch_size: int = 32,
+    init_stride: int = 1,
+) -> dict[str, Any]:
+    """Test loss (overall, per lead), damping factors and ForecastMetrics scores of the three
+    references and of `model` (a loaded TopoFlowForForecasting, or a folder / short name / Hub id
+    to load) on the same samples of `split`; what the command prints, as a JSON-ready dict."""
     from topoflow.experiment.evaluate import evaluate_forecasters, test_loss_row
 
-    corpus = _resolve_corpus(args.corpus)
+    corpus = _resolve_corpus(corpus)
     models: dict[str, Any] = {}
-    if args.model is not None:
-        import topoflow  # noqa: F401  (registers the short-name resolver)
-        from modeling_topoflow import TopoFlowForForecasting
+    if model is not None:
+        if isinstance(model, str | os.PathLike):
+            import topoflow  # noqa: F401  (registers the short-name resolver)
+            from modeling_topoflow import TopoFlowForForecasting
 
-        models[args.model] = TopoFlowForForecasting.from_pretrained(args.model).eval()
-        config = models[args.model].config
+            models[str(model)] = TopoFlowForForecasting.from_pretrained(str(model)).eval()
+        else:
+            models["model"] = model.eval()
+        config = next(iter(models.values())).config
     else:
-        config = _contract(corpus, args.leads)
-    refs = _references(corpus, config, args.references_dir, args.fit_split)
+        config = _contract(corpus, leads)
+    refs = _references(corpus, config, references_dir, fit_split)
     results = evaluate_forecasters(
         models,
         corpus,
         config=config,
-        split=args.split,
-        batch_size=args.batch_size,
-        init_stride=args.init_stride,
+        split=split,
+        batch_size=batch_size,
+        init_stride=init_stride,
         climatology=refs.climatology,
         damped_persistence=refs.damped_persistence,
         score_references=True,
     )
-    leads = list(config.lead_times_hours)
+    lead_hours = list(config.lead_times_hours)
     factors = refs.damped_persistence.factors
     return {
         "corpus": str(corpus),
-        "split": args.split,
-        "fit_split": args.fit_split,
+        "split": split,
+        "fit_split": fit_split,
         "n_samples": len(next(iter(results.values())).per_sample.sample_ids),
-        "test_loss": {name: test_loss_row(r.per_sample, leads) for name, r in results.items()},
+        "test_loss": {name: test_loss_row(r.per_sample, lead_hours) for name, r in results.items()},
         "damping_factors": {
-            var: {str(lead): float(factors[i, v]) for i, lead in enumerate(leads)}
+            var: {str(lead): float(factors[i, v]) for i, lead in enumerate(lead_hours)}
             for v, var in enumerate(config.target_variables)
         },
         "scores": {name: r.metrics for name, r in results.items()},
@@ -172,7 +189,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        out = score_references(args)
+        out = score_references(
+            args.corpus,
+            split=args.split,
+            model=args.model,
+            leads=args.leads,
+            references_dir=args.references_dir,
+            fit_split=args.fit_split,
+            batch_size=args.batch_size,
+            init_stride=args.init_stride,
+        )
     except (ValueError, FileNotFoundError, KeyError, CorpusError) as err:
         print(f"topoflow references: error: {err}", file=sys.stderr)
         return 2

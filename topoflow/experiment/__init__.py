@@ -5,7 +5,7 @@
 
 from .arms import CONTROL, KNOWN_ARMS, ArmSpec, UnknownArmError, parse_arm, parse_arms
 from .cli import main, run_experiment
-from .evaluate import build_climatology, evaluate_models, load_evaluation
+from .evaluate import build_climatology, evaluate_forecasters, evaluate_models, load_evaluation
 from .runner import Budget, RunRecord, adopt_run, check_runs, train_arms
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "adopt_run",
     "build_climatology",
     "check_runs",
+    "evaluate_forecasters",
     "evaluate_models",
     "load_evaluation",
     "main",

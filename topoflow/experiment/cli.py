@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .arms import KNOWN_ARMS, ArmSpec, parse_arms
-from .evaluate import build_climatology, evaluate_models, load_evaluation
+from .evaluate import evaluate_forecasters, evaluate_models, load_evaluation
 from .runner import Budget, RunRecord, adopt_run, check_runs, parse_run_argument, train_arms
 from .subset import make_corpus_view
 
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score every k-th initialization time only (all its leads)")
     g.add_argument("--eval-batch-size", type=int, default=32)
     g.add_argument("--no-climatology", action="store_true",
-                   help="skip the climatology reference (it reads the whole training split)")
+                   help="skip the climatology and damped persistence references (they read the "
+                        "whole training split); persistence is always scored")
     g.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     return p
 
@@ -100,39 +101,58 @@ def _adopted_runs(texts: Sequence[str]
 
 
 def _evaluate(out: Path, records: Sequence[RunRecord], corpus: Path, args: argparse.Namespace,
-              log: Any) -> dict[str, dict[int, Any]]:
-    """Score every run (one pass over the split for all of them) unless already scored."""
+              log: Any) -> tuple[dict[str, dict[int, Any]], dict[str, Any]]:
+    """Score every run and the reference forecasts (one pass over the split for all of them)
+    unless already scored; returns ({arm: {seed: result}}, {reference: result})."""
+    from configuration_topoflow import TopoFlowConfig
+    from topoflow.metrics import REFERENCE_NAMES
+    from topoflow.references import References
+
+    fitted = not args.no_climatology
     spec = {"corpus": str(corpus), "split": args.eval_split, "init_stride": args.eval_init_stride,
-            "climatology": not args.no_climatology}
+            "climatology": fitted, "damped_persistence": fitted}
     folders = {(r.arm, r.seed): out / "eval" / r.arm / f"seed{r.seed}" for r in records}
-    todo = {}
-    for r in records:
-        metrics = folders[(r.arm, r.seed)] / "metrics.json"
-        done = metrics.is_file() and {k: json.loads(metrics.read_text())["evaluated"].get(k)
-                                      for k in spec} == spec
-        done = done and json.loads(metrics.read_text())["evaluated"]["model"] == str(
-            Path(r.path) / "model")
-        if not done:
-            todo[f"{r.arm}/seed{r.seed}"] = Path(r.path) / "model"
-    if todo:
-        clim = None
-        if not args.no_climatology:
-            first = next(iter(todo.values()))
-            targets = json.loads((first / "config.json").read_text())["target_variables"]
-            clim = build_climatology(corpus, targets)
+    ref_folders = {name: out / "eval" / "references" / name for name in REFERENCE_NAMES
+                   if fitted or name == "persistence"}
+
+    def done(folder: Path, model: str) -> bool:
+        metrics = folder / "metrics.json"
+        if not metrics.is_file():
+            return False
+        evaluated = json.loads(metrics.read_text())["evaluated"]
+        return {k: evaluated.get(k) for k in spec} == spec and evaluated["model"] == model
+
+    todo = {f"{r.arm}/seed{r.seed}": Path(r.path) / "model" for r in records
+            if not done(folders[(r.arm, r.seed)], str(Path(r.path) / "model"))}
+    ref_todo = not all(done(f, f"reference: {n}") for n, f in ref_folders.items())
+    if todo or ref_todo:
+        config = TopoFlowConfig.from_pretrained(str(Path(records[0].path) / "model"))
+        refs = None
+        if fitted:
+            log("fitting climatology and damped persistence on the training split")
+            refs = References.fit(corpus, config.target_variables, config.lead_times_hours)
+        kwargs = {"split": args.eval_split, "batch_size": args.eval_batch_size,
+                  "init_stride": args.eval_init_stride, "score_references": ref_todo,
+                  "climatology": refs.climatology if refs else None,
+                  "damped_persistence": refs.damped_persistence if refs else None}
         started = time.time()
-        log(f"evaluating {len(todo)} models on {args.eval_split} (stride {args.eval_init_stride})")
-        results = evaluate_models(todo, corpus, split=args.eval_split,
-                                  batch_size=args.eval_batch_size,
-                                  init_stride=args.eval_init_stride, climatology=clim)
+        log(f"evaluating {len(todo)} models{' and the references' if ref_todo else ''} on "
+            f"{args.eval_split} (stride {args.eval_init_stride})")
+        if todo:
+            results = evaluate_models(todo, corpus, **kwargs)
+        else:
+            results = evaluate_forecasters({}, corpus, config=config, **kwargs)
         log(f"evaluation took {time.time() - started:.0f} s")
         for key, result in results.items():
+            if key in ref_folders:
+                result.save(ref_folders[key])
+                continue
             arm, seed = key.split("/seed")
             result.save(folders[(arm, int(seed))])
     evals: dict[str, dict[int, Any]] = {}
     for (arm, seed), folder in folders.items():
         evals.setdefault(arm, {})[seed] = load_evaluation(folder)
-    return evals
+    return evals, {name: load_evaluation(folder) for name, folder in ref_folders.items()}
 
 
 def _log(message: str) -> None:
@@ -175,8 +195,9 @@ def run_experiment(args: argparse.Namespace, log: Any = _log) -> dict:
     plan["corpus_provenance"] = {k: ctx.meta.provenance.get(k)
                                  for k in ("source", "size", "seed", "terrain_blocking")}
     plan["eval"] = {"split": args.eval_split, "init_stride": args.eval_init_stride,
-                    "climatology": not args.no_climatology}
-    evals = _evaluate(out, records, corpus, args, log)
+                    "climatology": not args.no_climatology,
+                    "damped_persistence": not args.no_climatology}
+    evals, references = _evaluate(out, records, corpus, args, log)
     from configuration_topoflow import TopoFlowConfig
 
     config = TopoFlowConfig.from_pretrained(str(Path(records[0].path) / "model"))
@@ -184,7 +205,7 @@ def run_experiment(args: argparse.Namespace, log: Any = _log) -> dict:
     plan["eval"]["n_samples"] = first.metrics["evaluated"]["n_samples"]
     report = write_report(out / "report", plan=plan, records=records, evals=evals,
                           config=config, ctx=ctx, h_scales=h_scales, n_boot=args.n_boot,
-                          directions=directions)
+                          directions=directions, references=references)
     log(f"report written to {out / 'report' / 'report.md'}")
     return report
 

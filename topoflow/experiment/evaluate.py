@@ -151,15 +151,6 @@ def evaluate_models(model_dirs: Mapping[str, str | Path], corpus: str | Path, *,
     return results
 
 
-def _reference_batch(metric: ForecastMetrics, forecast: torch.Tensor, labels: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A reference forecast (physical units) as a model's (normalized) output; its undefined
-    cells are taken out of the labels, so they count for no score of it."""
-    defined = torch.isfinite(forecast)
-    labels = torch.where(defined, labels.double(), torch.nan)
-    return metric.normalize(torch.nan_to_num(forecast)), labels
-
-
 @torch.no_grad()
 def evaluate_forecasters(models: Mapping[str, Any], corpus: str | Path, *, config: Any,
                          split: str = "test", batch_size: int = 32, init_stride: int = 1,
@@ -198,7 +189,7 @@ def evaluate_forecasters(models: Mapping[str, Any], corpus: str | Path, *, confi
 
     metrics = {name: new_metrics() for name in models}
     references: dict[str, ForecastMetrics] = {}
-    reference_maker = new_metrics()  # only its reference_forecasts, never its sums
+    reference_maker = new_metrics()  # computes each batch's references once for all
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_forecast_batch)
     for index, batch in enumerate(loader):
         if max_batches and index >= max_batches:
@@ -206,18 +197,17 @@ def evaluate_forecasters(models: Mapping[str, Any], corpus: str | Path, *, confi
         batch = _keep_init_stride(batch, init_stride, meta.time_step_hours)
         if batch is None:
             continue
+        forecasts = reference_maker.reference_forecasts(batch["sample_ids"], batch["fields"])
         for name, model in models.items():
             out = model(**batch)
             metrics[name].add(out.forecast, batch["labels"], batch["region_mask"],
-                              batch["sample_ids"], fields=batch["fields"])
+                              batch["sample_ids"], fields=batch["fields"], references=forecasts)
         if not score_references:
             continue
-        forecasts = reference_maker.reference_forecasts(batch["sample_ids"], batch["fields"])
         for name, forecast in forecasts.items():
             metric = references.setdefault(name, new_metrics())
-            ref_forecast, labels = _reference_batch(metric, forecast, batch["labels"])
-            metric.add(ref_forecast, labels, batch["region_mask"], batch["sample_ids"],
-                       fields=batch["fields"])
+            metric.add_physical_forecast(forecast, batch["labels"], batch["region_mask"],
+                                         batch["sample_ids"], batch["fields"], forecasts)
     info = {"corpus": str(corpus), "split": split, "init_stride": init_stride,
             "max_batches": max_batches, "climatology": climatology is not None,
             "damped_persistence": damped_persistence is not None}

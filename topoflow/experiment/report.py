@@ -24,7 +24,7 @@ from topoflow.figures import (
 
 from .analysis import ArmComparison, compare_arm, pooled_scores
 from .arms import CONTROL
-from .evaluate import EvaluationResult
+from .evaluate import EvaluationResult, test_loss_row
 from .runner import RunRecord
 
 __all__ = ["CorpusContext", "read_val_curve", "run_alphas", "write_report"]
@@ -111,14 +111,47 @@ def _seed_table(comparison: ArmComparison) -> str:
 
 def _scores_table(scores: Mapping[str, dict], variables: Sequence[str]) -> str:
     lines = ["| arm | pollutant | unit | RMSE | MAE | bias | skill vs persistence | "
-             "skill vs climatology |", "|---|---|---|---:|---:|---:|---:|---:|"]
+             "skill vs climatology | skill vs damped persistence |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for arm, result in scores.items():
         for var in variables:
             row = result["variables"][var]["all"]
             lines.append(f"| {arm} | {var} | {result['units'].get(var) or ''} | "
                          f"{_num(row['rmse'])} | {_num(row['mae'])} | {_num(row['bias'])} | "
-                         f"{_pct(row['skill_persistence'])} | {_pct(row['skill_climatology'])} |")
+                         f"{_pct(row['skill_persistence'])} | {_pct(row['skill_climatology'])} | "
+                         f"{_pct(row.get('skill_damped_persistence'))} |")
     return "\n".join(lines)
+
+
+def _test_losses(evals: Mapping[str, Mapping[int, EvaluationResult]],
+                 references: Mapping[str, EvaluationResult], leads: Sequence[int]
+                 ) -> dict[str, dict[str, float]]:
+    """Test loss overall and per lead of every arm (mean over seeds) and every reference, after
+    checking that the references were scored on the control's samples."""
+    control_ids = np.sort(next(iter(evals[CONTROL].values())).per_sample.sample_ids.numpy())
+    for name, result in references.items():
+        if not np.array_equal(np.sort(result.per_sample.sample_ids.numpy()), control_ids):
+            raise ValueError(f"reference {name!r} was scored on other samples than the control")
+    table = {arm: test_loss_row([r.per_sample for r in by_seed.values()], leads)
+             for arm, by_seed in evals.items()}
+    return {**table, **{f"reference: {name}": test_loss_row(result.per_sample, leads)
+                        for name, result in references.items()}}
+
+
+def _test_loss_markdown(table: Mapping[str, Mapping[str, float]]) -> list[str]:
+    columns = list(next(iter(table.values())))
+    lines = ["| forecaster | " + " | ".join(c if c == "all" else f"{c} h" for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(_num(row[c]) for c in columns) + " |"
+              for name, row in table.items()]
+    control = table[CONTROL]["all"]
+    beaten_by = [name for name, row in table.items()
+                 if name.startswith("reference: ") and row["all"] <= control]
+    if beaten_by:
+        lines += ["", f"**Warning:** the control's test loss ({_num(control)}) is not below that "
+                  f"of {', '.join(beaten_by)}: a baseline that does not beat every reference "
+                  "forecast is not a baseline to ablate (DESIGN.md section 5)."]
+    return lines
 
 
 def _alpha_table(alphas: Mapping[str, Mapping[int, Mapping[str, float]]]) -> str:
@@ -198,8 +231,12 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
 def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Sequence[RunRecord],
                  evals: Mapping[str, Mapping[int, EvaluationResult]], config: Any,
                  ctx: CorpusContext, h_scales: Mapping[str, float], n_boot: int = 2000,
-                 directions: Mapping[str, str] | None = None) -> dict:
-    """Compute every comparison, draw the figures, write report.md and report.json."""
+                 directions: Mapping[str, str] | None = None,
+                 references: Mapping[str, EvaluationResult] | None = None) -> dict:
+    """Compute every comparison, draw the figures, write report.md and report.json.
+
+    `references` ({name: result} of the reference forecasts scored on the same samples) add
+    their test loss and scores beside the arms'."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # A rerun with fewer arms must not leave the figures of the dropped arms beside the new report.
@@ -215,6 +252,10 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
                          n_boot=n_boot)
         for arm in evals if arm != CONTROL}
     scores = {arm: pooled_scores(by_seed, config, ctx.units) for arm, by_seed in evals.items()}
+    references = dict(references or {})
+    test_losses = _test_losses(evals, references, list(config.lead_times_hours))
+    scores.update({f"reference: {name}": pooled_scores({0: result}, config, ctx.units)
+                   for name, result in references.items()})
     alphas: dict[str, dict[int, dict[str, float]]] = {}
     for r in records:
         alphas.setdefault(r.arm, {})[r.seed] = run_alphas(r.path)
@@ -225,19 +266,20 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
         "runs": [r.to_dict() for r in records],
         "comparisons": {arm: c.to_dict() for arm, c in comparisons.items()},
         "scores": scores,
+        "test_loss": test_losses,
         "learned_alpha": {a: {str(s): v for s, v in b.items()} for a, b in alphas.items()},
         "figures": figures,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "report.md").write_text(_markdown(plan, records, comparisons, scores, alphas,
-                                             figures, variables))
+                                             figures, variables, test_losses))
     return report
 
 
 def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
               comparisons: Mapping[str, ArmComparison], scores: Mapping[str, dict],
               alphas: Mapping, figures: Sequence[Mapping[str, str]],
-              variables: Sequence[str]) -> str:
+              variables: Sequence[str], test_losses: Mapping[str, Mapping[str, float]]) -> str:
     seeds = sorted({r.seed for r in records})
     md = [f"# Experiment: {plan.get('title', 'does the elevation bias help?')}", ""]
     md += ["## Setup", ""]
@@ -275,7 +317,12 @@ def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
                "clamp(-alpha * ReLU(rise), -clamp_max, 0): with alpha < 0 it is 0 everywhere and "
                "alpha gets no gradient, so such a run computes an unbiased model and cannot "
                "recover; its comparison with the control measures only the first steps.", ""]
-    md += ["## Scores of every arm (pooled over seeds, all lead times)", "",
+    md += ["## Test loss of every arm and reference forecast", "",
+           "Normalized MSE over the valid region, all targets equally weighted, mean over samples "
+           "(arms: mean over seeds); the references (persistence, climatology per cell x month x "
+           "hour of day and damped anomaly persistence, both fitted on the training split) are "
+           "scored on the same samples.", "", *_test_loss_markdown(test_losses), ""]
+    md += ["## Scores of every arm and reference (pooled over seeds, all lead times)", "",
            _scores_table(scores, variables), ""]
     md += ["## Runs", "", _runs_table(records), ""]
     md += ["## Figures", ""]
