@@ -814,7 +814,7 @@ class TopoFlowAttention(nn.Module):
         if self.has_elevation_bias:
             heights = oriented_elevation(elevation_m, self.config.elevation_bias_direction)
             attended = elevation_biased_attention(
-                query, key, value, elevation_m=heights, alpha=self.elevation_alpha,
+                query, key, value, elevation_m=heights, alpha=self.nonnegative_alpha(),
                 h_scale=self.H_scale, clamp_max=self.config.elevation_bias_clamp,
                 implementation=implementation, dropout_p=dropout_p,
             )  # fmt: skip
@@ -824,6 +824,26 @@ class TopoFlowAttention(nn.Module):
             )
         attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
         return self.proj_drop(self.proj(attended))
+
+    def nonnegative_alpha(self) -> torch.Tensor:
+        """alpha as the bias uses it: max(alpha, 0) in value, with the gradient passed to alpha.
+
+        For alpha < 0 the clamped bias is 0 everywhere and d(bias)/d(alpha) is exactly 0, so an
+        alpha that one optimizer step pushes below 0 would stay there for good, in any training
+        loop (plain optimizer, transformers' Trainer, ours). The model keeps its own bias alive
+        instead of relying on the loop: the bias sees max(alpha, 0), whose value at 0 is what
+        the loss's gradient is taken at, and that gradient reaches alpha unchanged (straight
+        through), so alpha grows again as soon as the loss asks for it. In training the stored
+        parameter is also projected back onto alpha >= 0 before use, so the checkpoint's
+        `elevation_alpha` is the value the bias used (projected gradient descent); compiled or
+        exported graphs skip the in-place projection and rely on the straight-through value.
+        At alpha >= 0 both are the identity: step-0 forecasts and the checkpoint key are unchanged.
+        """
+        alpha = self.elevation_alpha
+        if self.training and not torch.compiler.is_compiling():
+            with torch.no_grad():
+                alpha.clamp_(min=0.0)
+        return alpha + (alpha.clamp(min=0.0) - alpha).detach()
 
 
 class TopoFlowMLP(nn.Module):
