@@ -44,7 +44,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["topoflow", "topoflow.*"]),
     py_modules=["configuration_topoflow", "modeling_topoflow", "train_accelerate"],
-    package_data={"topoflow": ["pretrained/*/*", "pretrained/*/*/*"]},
+    # Card templates and the packaged models are read at run time: a wheel must carry them.
+    package_data={"topoflow": ["hub_cards/*.md", "pretrained/*/*", "pretrained/*/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["topoflow=topoflow.cli:main"]},

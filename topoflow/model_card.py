@@ -32,7 +32,7 @@ __all__ = [
     "render_model_card",
 ]
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "hub_cards" / "model_card.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "hub_cards" / "model_card.md"
 # Scores of ForecastMetrics.compute() published per pollutant x lead; `n` and the reference RMSEs
 # stay in report.json (they describe the evaluation, not the model).
 CARD_METRICS = ("rmse", "mae", "bias", "skill_persistence", "skill_climatology")
