@@ -756,6 +756,39 @@ class TopoFlowForecastOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+class TopoFlowVariableAggregation(nn.Module):
+    """ClimaX's variable aggregation: one learnable query attends over the V variable tokens of each
+    patch, (M, 1, D) query and (M, V, D) tokens -> (M, 1, D).
+
+    The parameters and their names are nn.MultiheadAttention's (`in_proj_weight`, `in_proj_bias`,
+    `out_proj`), so checkpoints load unchanged. It is written out because nn.MultiheadAttention
+    reads `out_proj.weight` without calling `out_proj`, so accelerate's offload hooks (a
+    `device_map` that offloads the embeddings) never load it ("Tensor on device meta").
+    """
+
+    def __init__(self, config: TopoFlowConfig) -> None:
+        super().__init__()
+        dim = config.embed_dim
+        self.num_heads = config.num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        weight_q, weight_k, weight_v = self.in_proj_weight.chunk(3)
+        bias_q, bias_k, bias_v = self.in_proj_bias.chunk(3)
+        query = self._split_heads(F.linear(query, weight_q, bias_q))  # (M, heads, 1, head_dim)
+        key = self._split_heads(F.linear(tokens, weight_k, bias_k))  # (M, heads, V, head_dim)
+        value = self._split_heads(F.linear(tokens, weight_v, bias_v))
+        attended = F.scaled_dot_product_attention(query, key, value)  # (M, heads, 1, head_dim)
+        attended = attended.transpose(1, 2).reshape(query.shape[0], 1, -1)  # (M, 1, D)
+        return self.out_proj(attended)
+
+    def _split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows, length, dim = tokens.shape
+        return tokens.reshape(rows, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+
 class TopoFlowEmbeddings(nn.Module):
     """Per-variable patch embedding, variable embedding, variable aggregation by a learnable query,
     position and lead-time embeddings: (B, V, H, W) fields -> (B, N, D) tokens."""
@@ -771,7 +804,7 @@ class TopoFlowEmbeddings(nn.Module):
         )  # fmt: skip
         self.var_embed = nn.Parameter(torch.zeros(1, num_variables, dim))
         self.var_query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.var_agg = nn.MultiheadAttention(dim, config.num_heads, batch_first=True)
+        self.var_agg = TopoFlowVariableAggregation(config)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, dim))
         self.lead_time_embed = nn.Linear(1, dim)
         self.dropout = nn.Dropout(config.drop_rate)
@@ -791,7 +824,7 @@ class TopoFlowEmbeddings(nn.Module):
         batch, _, num_patches, dim = tokens.shape
         per_patch = tokens.transpose(1, 2).reshape(batch * num_patches, -1, dim)  # (B*N, V, D)
         query = self.var_query.expand(per_patch.shape[0], -1, -1)  # (B*N, 1, D)
-        aggregated, _ = self.var_agg(query, per_patch, per_patch, need_weights=False)
+        aggregated = self.var_agg(query, per_patch)
         return aggregated.reshape(batch, num_patches, dim)
 
 
@@ -987,6 +1020,8 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TopoFlowBlock"]
     _supports_sdpa = True
     _supports_flex_attn = True
+    # H_scale in metres must stay exact under dtype=torch.bfloat16 (bf16 reads 1500 m as 1504).
+    _keep_in_fp32_modules_strict = ["H_scale"]
     # Functions fn(name) -> local folder or None, tried by `from_pretrained` before the Hub (e.g.
     # the packaged "topoflow-base"); registered by the `topoflow` library, empty for Hub users.
     _name_resolvers: ClassVar[list[Callable[[str], str | os.PathLike | None]]] = []
@@ -1020,7 +1055,7 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
         elif isinstance(module, TopoFlowAttention) and module.has_elevation_bias:
             init.constant_(module.elevation_alpha, self.config.elevation_alpha_init)
             init.constant_(module.H_scale, self.config.elevation_scale)
-        elif isinstance(module, nn.MultiheadAttention):
+        elif isinstance(module, TopoFlowVariableAggregation):
             init.xavier_uniform_(module.in_proj_weight)
             init.zeros_(module.in_proj_bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -1269,6 +1304,15 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
             if key.startswith("head.")
         )
         if head_keys and not overrides.get("ignore_mismatched_sizes", False):
+            loaded_head = [key for key in self.state_dict() if key.startswith("head.")
+                           and key not in info["missing_keys"]]  # fmt: skip
+            if not loaded_head and not info["unexpected_keys"]:
+                raise ValueError(
+                    "The checkpoint has no prediction head (head.* keys): it is an encoder-only "
+                    "checkpoint (TopoFlowModel / AutoModel). Load it with TopoFlowModel, or train "
+                    "a head from it with TopoFlowForForecasting.from_pretrained(..., "
+                    "ignore_mismatched_sizes=True), which initializes the head at random."
+                )
             raise ValueError(
                 f"The checkpoint's prediction head does not match decoder_depth="
                 f"{self.config.decoder_depth} (missing or unexpected: {head_keys}); refusing to "

@@ -10,7 +10,9 @@ INSTALL_REQUIRES = [
     "torch>=2.5",
     "transformers>=5.0,<6",
     "accelerate>=1.10",
-    "datasets>=4.0",
+    # topoflow/data/streaming.py subclasses datasets.iterable_dataset.ExamplesIterable, which is
+    # not public API: allow only the major versions it was tested with.
+    "datasets>=4.0,<6",
     "safetensors>=0.4",
     "huggingface-hub>=1.0",
     "numpy>=1.26",

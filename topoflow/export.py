@@ -3,8 +3,10 @@
     python -m topoflow.export RUN_DIR --out EXPORT_DIR --repo-id org/name [--private]
         [--revision BRANCH] [--create-pr] [--dry-run]
 
-The exported folder holds config.json, the safetensors weights, the two Hub files
-(configuration_topoflow.py, modeling_topoflow.py), a README.md model card rendered from the run's
+The exported folder holds config.json, the safetensors weights, the Hub code save_pretrained wrote
+(configuration_topoflow.py, modeling_topoflow.py and any module they import relatively; left out
+of a folder exported into the package's own pretrained/, which the installed classes load), a
+README.md model card rendered from the run's
 report.json and val_loss.csv, the val-loss plot, the run's report as training_report.json, and a
 SHA256SUMS manifest. Weights with NaN/Inf and pickle files are refused before anything is written.
 With --dry-run nothing leaves the machine; otherwise the folder is uploaded with huggingface_hub.
@@ -256,9 +258,12 @@ def _check_model_dir(model_dir: Path) -> dict:
     return config
 
 
-def _copy_model_files(model_dir: Path, staging: Path) -> None:
+def _copy_model_files(model_dir: Path, staging: Path, *, hub_code: bool = True) -> None:
+    """Weights and config; with `hub_code`, every Python module save_pretrained wrote (the Hub
+    files and any module they import relatively)."""
     for path in sorted(model_dir.iterdir()):
-        wanted = path.suffix == ".safetensors" or path.name in ("config.json", *HUB_FILES)
+        wanted = path.suffix == ".safetensors" or path.name == "config.json"
+        wanted = wanted or (hub_code and path.suffix == ".py")
         if path.name == "model.safetensors.index.json":
             wanted = True
         if path.is_file() and wanted:
@@ -301,8 +306,11 @@ def export_run(
         raise FileExistsError(f"export folder {out_dir} exists; pass --overwrite to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    packaged = out_dir.resolve().parent == PACKAGED_MODELS_DIR
     try:
-        _copy_model_files(model_dir, staging)
+        # A model shipped inside this package is loaded by the installed classes; a copy of the
+        # Hub code there would only go stale (and repeat 1,500 lines in the repository).
+        _copy_model_files(model_dir, staging, hub_code=not packaged)
         (staging / "training_report.json").write_text(
             json.dumps(report, indent=2) + "\n", encoding="utf-8"
         )
@@ -323,7 +331,7 @@ def export_run(
             num_parameters=count_weight_elements(staging),
             regenerate_command=reproduce_command,
             # A folder written into the package's pretrained/ resolves by its short name.
-            short_name=out_dir.name if out_dir.resolve().parent == PACKAGED_MODELS_DIR else None,
+            short_name=out_dir.name if packaged else None,
         )
         card.save(staging / "README.md")
         write_manifest(staging)

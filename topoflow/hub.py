@@ -31,6 +31,7 @@ __all__ = [
     "PACKAGED_MODELS_DIR",
     "KNOWN_MODELS",
     "UnknownModelNameError",
+    "is_hub_repo_id",
     "known_model_names",
     "packaged_model_folder",
     "resolve_model_name",
@@ -62,6 +63,11 @@ class UnknownModelNameError(OSError, ValueError):
 
     An OSError, as transformers raises for a name that is neither a folder nor a Hub id; still a
     ValueError for callers written against earlier releases."""
+
+
+def is_hub_repo_id(text: str) -> bool:
+    """True for a Hub repo id of the form org/name (a bare name is not one here)."""
+    return bool(_HUB_REPO_ID.fullmatch(text))
 
 
 def known_model_names() -> list[str]:
@@ -97,7 +103,7 @@ def resolve_model_name(name: object) -> str | None:
         return None
     if text in known_model_names():
         return str(packaged_model_folder(text))
-    if _HUB_REPO_ID.fullmatch(text):
+    if is_hub_repo_id(text):
         return None
     if "/" in text or os.sep in text or text.startswith(("~", ".")):
         raise FileNotFoundError(

@@ -19,6 +19,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from topoflow.hub import is_hub_repo_id
+
 __all__ = [
     "TEMPLATE_PATH",
     "CARD_METRICS",
@@ -328,7 +330,9 @@ def render_model_card(
             "custom_code",
             *(["synthetic-data"] if synthetic else []),
         ],
-        datasets=[dataset_id],
+        # `datasets:` lists Hub dataset repos (the Hub links them); a local corpus name is not one
+        # and stays in the model-index's dataset type only.
+        datasets=[dataset_id] if is_hub_repo_id(dataset_id) else None,
         metrics=sorted({score.metric for score in scores}) or None,
         base_model=base_model,
         model_name=model_name,
