@@ -875,8 +875,13 @@ class TopoFlowAttention(nn.Module):
         self.proj_drop = nn.Dropout(config.drop_rate)
         if self.has_elevation_bias:
             self.elevation_alpha = nn.Parameter(torch.tensor(config.elevation_alpha_init))
-            # A persistent buffer: H_scale travels with the checkpoint but is not trained.
-            self.register_buffer("H_scale", torch.tensor(config.elevation_scale), persistent=True)
+            # A persistent buffer: H_scale travels with the checkpoint but is not trained. Always
+            # float32 (also under from_pretrained(dtype=bfloat16), which builds the model with
+            # bf16 as default dtype): bf16 reads 1500 m as 1504 m.
+            self.register_buffer(
+                "H_scale", torch.tensor(config.elevation_scale, dtype=torch.float32),
+                persistent=True,
+            )  # fmt: skip
 
     def forward(
         self,
