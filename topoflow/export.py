@@ -3,10 +3,8 @@
     python -m topoflow.export RUN_DIR --out EXPORT_DIR --repo-id org/name [--private]
         [--revision BRANCH] [--create-pr] [--dry-run]
 
-The exported folder holds config.json, the safetensors weights, the Hub code save_pretrained wrote
-(configuration_topoflow.py, modeling_topoflow.py and any module they import relatively; left out
-of a folder exported into the package's own pretrained/, which the installed classes load), a
-README.md model card rendered from the run's
+The exported folder holds config.json, the safetensors weights, the two Hub files
+(configuration_topoflow.py, modeling_topoflow.py), a README.md model card rendered from the run's
 report.json and val_loss.csv, the val-loss plot, the run's report as training_report.json, and a
 SHA256SUMS manifest. Weights with NaN/Inf and pickle files are refused before anything is written.
 With --dry-run nothing leaves the machine; otherwise the folder is uploaded with huggingface_hub.
