@@ -104,6 +104,12 @@ class TopoFlowConfig(PretrainedConfig):
     """
 
     model_type = "topoflow"
+    # The names transformers' generic code and users read on every config (ViT's and BERT's).
+    attribute_map = {
+        "hidden_size": "embed_dim",
+        "num_hidden_layers": "depth",
+        "num_attention_heads": "num_heads",
+    }
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -112,10 +112,14 @@ class TopoFlowModelOutput(ModelOutput):
         last_hidden_state (`torch.Tensor` of shape `(B, N, D)`): tokens after the final LayerNorm.
         hidden_states (`tuple[torch.Tensor]`, *optional*): `depth + 1` tensors of shape `(B, N, D)`:
             the embeddings, then each block's output; returned with `output_hidden_states=True`.
+        attentions (`tuple[torch.Tensor]`, *optional*): `depth` tensors of shape
+            `(B, heads, N, N)`: each block's attention probabilities after the softmax, elevation
+            bias included; returned with `output_attentions=True`.
     """
 
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -134,6 +138,7 @@ class TopoFlowForecastOutput(ModelOutput):
             normalized.
         hidden_states (`tuple[torch.Tensor]`, *optional*): see `TopoFlowModelOutput`.
         sample_ids (`torch.Tensor` of shape `(B,)`, *optional*): echoed from the input.
+        attentions (`tuple[torch.Tensor]`, *optional*): see `TopoFlowModelOutput`.
     """
 
     loss: torch.Tensor | None = None
@@ -142,6 +147,40 @@ class TopoFlowForecastOutput(ModelOutput):
     forecast: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     sample_ids: torch.Tensor | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class TopoFlowVariableAggregation(nn.Module):
+    """ClimaX's variable aggregation: one learnable query attends over the V variable tokens of each
+    patch, (M, 1, D) query and (M, V, D) tokens -> (M, 1, D).
+
+    The parameters and their names are nn.MultiheadAttention's (`in_proj_weight`, `in_proj_bias`,
+    `out_proj`), so checkpoints load unchanged. It is written out because nn.MultiheadAttention
+    reads `out_proj.weight` without calling `out_proj`, so accelerate's offload hooks (a
+    `device_map` that offloads the embeddings) never load it ("Tensor on device meta").
+    """
+
+    def __init__(self, config: TopoFlowConfig) -> None:
+        super().__init__()
+        dim = config.embed_dim
+        self.num_heads = config.num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        weight_q, weight_k, weight_v = self.in_proj_weight.chunk(3)
+        bias_q, bias_k, bias_v = self.in_proj_bias.chunk(3)
+        query = self._split_heads(F.linear(query, weight_q, bias_q))  # (M, heads, 1, head_dim)
+        key = self._split_heads(F.linear(tokens, weight_k, bias_k))  # (M, heads, V, head_dim)
+        value = self._split_heads(F.linear(tokens, weight_v, bias_v))
+        attended = F.scaled_dot_product_attention(query, key, value)  # (M, heads, 1, head_dim)
+        attended = attended.transpose(1, 2).reshape(query.shape[0], 1, -1)  # (M, 1, D)
+        return self.out_proj(attended)
+
+    def _split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows, length, dim = tokens.shape
+        return tokens.reshape(rows, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
 
 class TopoFlowEmbeddings(nn.Module):
@@ -159,7 +198,7 @@ class TopoFlowEmbeddings(nn.Module):
         )  # fmt: skip
         self.var_embed = nn.Parameter(torch.zeros(1, num_variables, dim))
         self.var_query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.var_agg = nn.MultiheadAttention(dim, config.num_heads, batch_first=True)
+        self.var_agg = TopoFlowVariableAggregation(config)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, dim))
         self.lead_time_embed = nn.Linear(1, dim)
         self.dropout = nn.Dropout(config.drop_rate)
@@ -179,12 +218,46 @@ class TopoFlowEmbeddings(nn.Module):
         batch, _, num_patches, dim = tokens.shape
         per_patch = tokens.transpose(1, 2).reshape(batch * num_patches, -1, dim)  # (B*N, V, D)
         query = self.var_query.expand(per_patch.shape[0], -1, -1)  # (B*N, 1, D)
-        aggregated, _ = self.var_agg(query, per_patch, per_patch, need_weights=False)
+        aggregated = self.var_agg(query, per_patch)
         return aggregated.reshape(batch, num_patches, dim)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention signature: (B, heads, N, head_dim) in, (B, N, heads, head_dim)
+    out with the (B, heads, N, N) probabilities, for `output_attentions=True`.
+
+    `attention_mask` is additive (here the elevation bias, (B, 1, N, N)). The kernels above never
+    return probabilities; this is the one path that does, so it materializes them.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask.to(scores.dtype)
+    # Softmax in at least float32, as the eager kernel above.
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
+    weights = torch.softmax(scores.to(softmax_dtype), dim=-1).to(query.dtype)
+    dropped = F.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(dropped, value).transpose(1, 2), weights
+
+
 class TopoFlowAttention(nn.Module):
-    """Multi-head self-attention (timm layout: fused qkv, proj) with the optional elevation bias."""
+    """Multi-head self-attention (timm layout: fused qkv, proj) with the optional elevation bias.
+
+    `config._attn_implementation` picks the kernel: this file's exact elevation-biased kernels for
+    "eager", "sdpa" and "flex_attention"; any other name registered with transformers'
+    `AttentionInterface` is called the transformers way, with the elevation bias as its additive
+    (B, 1, N, N) `attention_mask` (materialized, so for moderate N only).
+    """
+
+    is_causal = False
 
     def __init__(self, config: TopoFlowConfig, layer_idx: int) -> None:
         super().__init__()
@@ -196,19 +269,38 @@ class TopoFlowAttention(nn.Module):
         self.proj_drop = nn.Dropout(config.drop_rate)
         if self.has_elevation_bias:
             self.elevation_alpha = nn.Parameter(torch.tensor(config.elevation_alpha_init))
-            # A persistent buffer: H_scale travels with the checkpoint but is not trained.
-            self.register_buffer("H_scale", torch.tensor(config.elevation_scale), persistent=True)
+            # A persistent buffer: H_scale travels with the checkpoint but is not trained. Always
+            # float32 (also under from_pretrained(dtype=bfloat16), which builds the model with
+            # bf16 as default dtype): bf16 reads 1500 m as 1504 m.
+            self.register_buffer(
+                "H_scale", torch.tensor(config.elevation_scale, dtype=torch.float32),
+                persistent=True,
+            )  # fmt: skip
 
-    def forward(self, hidden: torch.Tensor, elevation_m: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        elevation_m: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N, D) -> (B, N, D), and the (B, heads, N, N) probabilities if output_attentions."""
         batch, num_tokens, dim = hidden.shape
         qkv = self.qkv(hidden).reshape(batch, num_tokens, 3, self.num_heads, dim // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
         implementation = self.config._attn_implementation or "sdpa"
         dropout_p = self.config.attention_dropout if self.training else 0.0
+        if output_attentions or implementation not in ATTENTION_IMPLEMENTATIONS:
+            # Only eager attention has probabilities to return (transformers does the same).
+            attended, weights = self._interface_attention(
+                query, key, value, elevation_m, dropout_p,
+                "eager" if output_attentions else implementation,
+            )  # fmt: skip
+            attended = attended.reshape(batch, num_tokens, dim)
+            return self.proj_drop(self.proj(attended)), weights
         if self.has_elevation_bias:
             heights = oriented_elevation(elevation_m, self.config.elevation_bias_direction)
             attended = elevation_biased_attention(
-                query, key, value, elevation_m=heights, alpha=self.elevation_alpha,
+                query, key, value, elevation_m=heights, alpha=self.nonnegative_alpha(),
                 h_scale=self.H_scale, clamp_max=self.config.elevation_bias_clamp,
                 implementation=implementation, dropout_p=dropout_p,
             )  # fmt: skip
@@ -217,7 +309,53 @@ class TopoFlowAttention(nn.Module):
                 query, key, value, implementation=implementation, dropout_p=dropout_p
             )
         attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
-        return self.proj_drop(self.proj(attended))
+        return self.proj_drop(self.proj(attended)), None
+
+    def _interface_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        elevation_m: torch.Tensor | None,
+        dropout_p: float,
+        implementation: str,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention through transformers' interface: (B, N, heads, head_dim) and the weights."""
+        bias = None
+        if self.has_elevation_bias:
+            heights = oriented_elevation(elevation_m, self.config.elevation_bias_direction)
+            bias = elevation_bias_matrix(
+                heights, alpha=self.nonnegative_alpha(), h_scale=self.H_scale,
+                clamp_max=self.config.elevation_bias_clamp,
+            )[:, None].to(query.dtype)  # (B, 1, N, N), shared by all heads  # fmt: skip
+        if implementation == "eager":
+            attention = eager_attention_forward
+        else:
+            attention = AttentionInterface().get_interface(implementation, None)
+        return attention(
+            self, query, key, value, bias, scaling=query.shape[-1] ** -0.5, dropout=dropout_p,
+            is_causal=False,
+        )  # fmt: skip
+
+    def nonnegative_alpha(self) -> torch.Tensor:
+        """alpha as the bias uses it: max(alpha, 0) in value, with the gradient passed to alpha.
+
+        For alpha < 0 the clamped bias is 0 everywhere and d(bias)/d(alpha) is exactly 0, so an
+        alpha that one optimizer step pushes below 0 would stay there for good, in any training
+        loop (plain optimizer, transformers' Trainer, ours). The model keeps its own bias alive
+        instead of relying on the loop: the bias sees max(alpha, 0), whose value at 0 is what
+        the loss's gradient is taken at, and that gradient reaches alpha unchanged (straight
+        through), so alpha grows again as soon as the loss asks for it. In training the stored
+        parameter is also projected back onto alpha >= 0 before use, so the checkpoint's
+        `elevation_alpha` is the value the bias used (projected gradient descent); compiled or
+        exported graphs skip the in-place projection and rely on the straight-through value.
+        At alpha >= 0 both are the identity: step-0 forecasts and the checkpoint key are unchanged.
+        """
+        alpha = self.elevation_alpha
+        if self.training and not torch.compiler.is_compiling():
+            with torch.no_grad():
+                alpha.clamp_(min=0.0)
+        return alpha + (alpha.clamp(min=0.0) - alpha).detach()
 
 
 class TopoFlowMLP(nn.Module):
@@ -262,9 +400,15 @@ class TopoFlowBlock(nn.Module):
         self.mlp = TopoFlowMLP(config)
         self.drop_path = TopoFlowDropPath(rate)
 
-    def forward(self, hidden: torch.Tensor, elevation_m: torch.Tensor | None) -> torch.Tensor:
-        hidden = hidden + self.drop_path(self.attn(self.norm1(hidden), elevation_m))
-        return hidden + self.drop_path(self.mlp(self.norm2(hidden)))
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        elevation_m: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(self.norm1(hidden), elevation_m, output_attentions)
+        hidden = hidden + self.drop_path(attended)
+        return hidden + self.drop_path(self.mlp(self.norm2(hidden))), weights
 
 
 class TopoFlowPreTrainedModel(PreTrainedModel):
@@ -275,6 +419,8 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TopoFlowBlock"]
     _supports_sdpa = True
     _supports_flex_attn = True
+    # H_scale in metres must stay exact under dtype=torch.bfloat16 (bf16 reads 1500 m as 1504).
+    _keep_in_fp32_modules_strict = ["H_scale"]
     # Functions fn(name) -> local folder or None, tried by `from_pretrained` before the Hub (e.g.
     # the packaged "topoflow-base"); registered by the `topoflow` library, empty for Hub users.
     _name_resolvers: ClassVar[list[Callable[[str], str | os.PathLike | None]]] = []
@@ -308,7 +454,7 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
         elif isinstance(module, TopoFlowAttention) and module.has_elevation_bias:
             init.constant_(module.elevation_alpha, self.config.elevation_alpha_init)
             init.constant_(module.H_scale, self.config.elevation_scale)
-        elif isinstance(module, nn.MultiheadAttention):
+        elif isinstance(module, TopoFlowVariableAggregation):
             init.xavier_uniform_(module.in_proj_weight)
             init.zeros_(module.in_proj_bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -408,6 +554,7 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         variables: Sequence[str] | None = None,
+        output_attentions: bool | None = None,
     ) -> TopoFlowModelOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
@@ -418,7 +565,12 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
                 blocks are set and the inputs carry no `config.elevation_variable` channel; when
                 given it is used instead of that channel.
             variables: optional names of the `fields` channels, checked against `config.variables`.
+            output_attentions: return each block's (B, heads, N, N) attention probabilities (the
+                elevation bias included); computed with eager attention, so for moderate N.
         """
+        output_attentions = (
+            self.config.output_attentions if output_attentions is None else output_attentions
+        )
         output_hidden_states = (
             self.config.output_hidden_states
             if output_hidden_states is None
@@ -430,16 +582,22 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
 
         hidden = self.embeddings(fields, lead_time_hours)  # (B, N, D)
         all_hidden = [hidden] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                hidden = self._gradient_checkpointing_func(block.__call__, hidden, elevation_m)
+                hidden, weights = self._gradient_checkpointing_func(
+                    block.__call__, hidden, elevation_m, output_attentions
+                )
             else:
-                hidden = block(hidden, elevation_m)
+                hidden, weights = block(hidden, elevation_m, output_attentions)
             if all_hidden is not None:
                 all_hidden.append(hidden)
+            if all_attentions is not None:
+                all_attentions.append(weights)
         output = TopoFlowModelOutput(
             last_hidden_state=self.norm(hidden),
             hidden_states=None if all_hidden is None else tuple(all_hidden),
+            attentions=None if all_attentions is None else tuple(all_attentions),
         )
         return output if return_dict else output.to_tuple()
 
@@ -462,7 +620,10 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
                 f"(batch, len(config.variables), *config.img_size), received "
                 f"{tuple(fields.shape)}."
             )
-        if not torch.isfinite(fields).all():
+        # Value checks need the data, which torch.export and torch.compile trace without
+        # (GuardOnDataDependentSymNode); compiled graphs skip them, as transformers' models do.
+        checking_values = not torch.compiler.is_compiling()
+        if checking_values and not torch.isfinite(fields).all():
             bad = sorted(
                 {config.variables[int(c)] for c in (~torch.isfinite(fields)).nonzero()[:, 1]}
             )
@@ -478,7 +639,7 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
                 f"lead_time_hours: expected shape ({fields.shape[0]},) or a scalar, received "
                 f"{tuple(lead.shape)}."
             )
-        if not (torch.isfinite(lead).all() and (lead > 0).all()):
+        if checking_values and not (torch.isfinite(lead).all() and (lead > 0).all()):
             raise ValueError(
                 f"lead_time_hours: expected finite values > 0 hours, received {lead.tolist()}."
             )
@@ -513,7 +674,7 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
                     f"{config.img_size[1]}) or {tuple(config.img_size)}, received "
                     f"{tuple(elevation.shape)}."
                 )
-            if not torch.isfinite(elevation).all():
+            if not torch.compiler.is_compiling() and not torch.isfinite(elevation).all():
                 raise ValueError("elevation: expected finite metres, received NaN/inf.")
         return patch_mean_elevation(elevation, config.patch_size)
 
@@ -542,6 +703,15 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
             if key.startswith("head.")
         )
         if head_keys and not overrides.get("ignore_mismatched_sizes", False):
+            loaded_head = [key for key in self.state_dict() if key.startswith("head.")
+                           and key not in info["missing_keys"]]  # fmt: skip
+            if not loaded_head and not info["unexpected_keys"]:
+                raise ValueError(
+                    "The checkpoint has no prediction head (head.* keys): it is an encoder-only "
+                    "checkpoint (TopoFlowModel / AutoModel). Load it with TopoFlowModel, or train "
+                    "a head from it with TopoFlowForForecasting.from_pretrained(..., "
+                    "ignore_mismatched_sizes=True), which initializes the head at random."
+                )
             raise ValueError(
                 f"The checkpoint's prediction head does not match decoder_depth="
                 f"{self.config.decoder_depth} (missing or unexpected: {head_keys}); refusing to "
@@ -559,10 +729,12 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         variables: Sequence[str] | None = None,
+        output_attentions: bool | None = None,
     ) -> TopoFlowForecastOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
-            fields, lead_time_hours, elevation, variables: see `TopoFlowModel.forward`.
+            fields, lead_time_hours, elevation, variables, output_attentions: see
+                `TopoFlowModel.forward`.
             labels: `(B, V_out, H, W)` normalized targets in the order of `config.target_variables`,
                 NaN where missing.
             region_mask: `(B, H, W)` or `(H, W)` bool, cells that count in the loss (default: all).
@@ -571,7 +743,7 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         encoded = self.topoflow(
             fields, lead_time_hours, elevation=elevation, output_hidden_states=output_hidden_states,
-            return_dict=True, variables=variables,
+            return_dict=True, variables=variables, output_attentions=output_attentions,
         )  # fmt: skip
         forecast = self.unpatchify(self.head(encoded.last_hidden_state))  # (B, V_out, H, W)
         loss = per_sample_loss = num_valid = None
@@ -581,6 +753,7 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
         output = TopoFlowForecastOutput(
             loss=loss, per_sample_loss=per_sample_loss, num_valid=num_valid, forecast=forecast,
             hidden_states=encoded.hidden_states, sample_ids=sample_ids,
+            attentions=encoded.attentions,
         )  # fmt: skip
         return output if return_dict else output.to_tuple()
 

@@ -463,9 +463,10 @@ def train(args: Any) -> dict[str, Any] | None:
 
     progress = None
     if accelerator.is_main_process and not args.no_progress_bar:
-        from tqdm.auto import tqdm
+        from topoflow.training.progress import TrainingProgress
 
-        progress = tqdm(total=total_steps, initial=state.global_step, desc="training")
+        # A bar on a terminal, periodic lines in a log (SLURM, CI, nohup).
+        progress = TrainingProgress(total_steps, state.global_step)
     model.train()
     last_saved = state.global_step if args.resume_from_checkpoint else -1
     first_step, stopping = state.global_step, False
@@ -497,8 +498,7 @@ def train(args: Any) -> dict[str, Any] | None:
                              **{f"alpha/block{b}": v for b, v in record["alpha"].items()}},
                             step=state.global_step)
             if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                progress.update(state.global_step, record["loss"], record["lr"])
             if state.global_step % args.eval_every == 0:
                 run_eval(model, eval_dl, accelerator, state, args.eval_batches, eval_stride)
             if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:

@@ -339,6 +339,8 @@ def test_export_into_the_package_loads_by_short_name(
     monkeypatch.chdir(tmp_path)
     folder = export_run(tmp_path / "run", packaged / "topoflow-base", repo_id="acme/topoflow-base")
     assert 'from_pretrained("topoflow-base")' in (folder / "README.md").read_text()
+    # The package's own classes load it: no copy of the Hub code goes into the package.
+    assert not list(folder.glob("*.py"))
     loaded = TopoFlowForForecasting.from_pretrained("topoflow-base")
     with torch.no_grad():
         expected = model(batch["fields"], batch["lead_time_hours"]).forecast

@@ -246,9 +246,12 @@ def _check_model_dir(model_dir: Path) -> dict:
     return config
 
 
-def _copy_model_files(model_dir: Path, staging: Path) -> None:
+def _copy_model_files(model_dir: Path, staging: Path, *, hub_code: bool = True) -> None:
+    """Weights and config; with `hub_code`, every Python module save_pretrained wrote (the Hub
+    files and any module they import relatively)."""
     for path in sorted(model_dir.iterdir()):
-        wanted = path.suffix == ".safetensors" or path.name in ("config.json", *HUB_FILES)
+        wanted = path.suffix == ".safetensors" or path.name == "config.json"
+        wanted = wanted or (hub_code and path.suffix == ".py")
         if path.name == "model.safetensors.index.json":
             wanted = True
         if path.is_file() and wanted:
@@ -291,8 +294,11 @@ def export_run(
         raise FileExistsError(f"export folder {out_dir} exists; pass --overwrite to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    packaged = out_dir.resolve().parent == PACKAGED_MODELS_DIR
     try:
-        _copy_model_files(model_dir, staging)
+        # A model shipped inside this package is loaded by the installed classes; a copy of the
+        # Hub code there would only go stale (and repeat 1,500 lines in the repository).
+        _copy_model_files(model_dir, staging, hub_code=not packaged)
         (staging / "training_report.json").write_text(
             json.dumps(report, indent=2) + "\n", encoding="utf-8"
         )
@@ -313,7 +319,7 @@ def export_run(
             num_parameters=count_weight_elements(staging),
             regenerate_command=reproduce_command,
             # A folder written into the package's pretrained/ resolves by its short name.
-            short_name=out_dir.name if out_dir.resolve().parent == PACKAGED_MODELS_DIR else None,
+            short_name=out_dir.name if packaged else None,
         )
         card.save(staging / "README.md")
         write_manifest(staging)

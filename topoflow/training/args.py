@@ -69,7 +69,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="all | new (only keys missing from the checkpoint) | head | "
                             "bias-blocks (the biased blocks) | elevation (alpha only) | "
                             "prefix:<a>,<b>")
-    group.add_argument("--attn-implementation", default=None, help="eager | sdpa | flex")
+    group.add_argument("--attn-implementation", default=None,
+                       help="eager | sdpa | flex_attention (transformers' names), or a name "
+                       "registered with transformers.AttentionInterface")
     group.add_argument("--gradient-checkpointing", action="store_true")
 
 
