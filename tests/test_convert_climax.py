@@ -19,6 +19,7 @@ from topoflow.convert_climax import (
     load_climax_state_dict,
     main,
 )
+from topoflow.safety import NonFiniteWeightsError, read_manifest, verify_model_folder
 from topoflow.training.model_setup import MissingKeysError, make_loading_report
 
 
@@ -76,6 +77,8 @@ def test_lightning_checkpoint_to_folder_with_bias_blocks(tmp_path):
         "topoflow.blocks.0.attn.H_scale",
         "topoflow.blocks.0.attn.elevation_alpha",
     ]
+    verify_model_folder(tmp_path / "out")  # SHA256SUMS covers the weights and the report
+    assert "conversion_report.json" in read_manifest(tmp_path / "out")
     model, info = TopoFlowForForecasting.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert model.topoflow.blocks[0].attn.H_scale.item() == 1000.0
@@ -163,6 +166,15 @@ def test_a_non_empty_output_folder_is_never_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="out"):
         convert_climax_checkpoint(tmp_path / "c.ckpt", tmp_path / "out", config, CLIMAX_VARIABLES)
     assert [path.name for path in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+def test_non_finite_source_weights_are_refused(tmp_path):
+    config = make_tiny_config()
+    state = climax_state_dict(config, grouped=True)
+    state["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
+    torch.save({"state_dict": state}, tmp_path / "c.ckpt")
+    with pytest.raises(NonFiniteWeightsError, match=r"blocks\.1\.mlp\.fc1\.weight"):
+        convert_climax_checkpoint(tmp_path / "c.ckpt", tmp_path / "out", config, CLIMAX_VARIABLES)
 
 
 def test_shape_mismatch_names_the_key():

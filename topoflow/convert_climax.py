@@ -35,6 +35,7 @@ from configuration_topoflow import TopoFlowConfig
 from modeling_topoflow import TopoFlowForForecasting
 from topoflow.convert_report import REPORT_FILENAME, ConversionReport
 from topoflow.convert_sources import read_source_keys, recorded_variables
+from topoflow.safety import check_finite_state_dict, refuse_pickle_files, write_manifest
 
 __all__ = [
     "REPORT_FILENAME",
@@ -79,7 +80,7 @@ def load_source_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], d
     `hyper_parameters` (empty when it has none)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ClimaX checkpoint {path} does not exist.")
+        raise FileNotFoundError(f"checkpoint {path} does not exist.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises pickle.UnpicklingError or RuntimeError here
@@ -127,9 +128,10 @@ def convert_climax_state_dict(
     climax_state, config = read_source_keys(
         source_state, config, report, hparams=hparams, wind_scan=wind_scan
     )
-    if climax_variables is None:
-        climax_variables = recorded_variables(hparams) or config.variables
-    climax_variables = list(climax_variables)
+    if climax_variables is None and recorded_variables(hparams):
+        climax_variables = recorded_variables(hparams)
+        report.notes.append(f"source variables from hyper_parameters: {climax_variables}")
+    climax_variables = list(config.variables if climax_variables is None else climax_variables)
     missing_names = [name for name in config.variables if name not in climax_variables]
     if missing_names:
         raise ValueError(
@@ -331,12 +333,23 @@ def convert_climax_checkpoint(
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"output folder {output_dir} is not empty; choose a new folder.")
+    # Written beside the target and renamed at the end, so a failure never leaves half a folder.
+    staging = output_dir.with_name(f".{output_dir.name}.converting")
+    if staging.exists():
+        raise FileExistsError(f"{staging} exists (an interrupted conversion?); remove it first.")
     model = TopoFlowForForecasting(config)
     model.load_state_dict(converted, strict=False)
     # Only what the source (or the config, for elevation-bias scalars) provides is written.
     weights = {key: tensor for key, tensor in model.state_dict().items() if key in converted}
-    model.save_pretrained(output_dir, state_dict=weights)
-    (output_dir / REPORT_FILENAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    check_finite_state_dict(weights, where=f"checkpoint {checkpoint_path}")
+    model.save_pretrained(staging, state_dict=weights)
+    (staging / REPORT_FILENAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    # The same guards as every other model folder the project writes (topoflow/safety.py).
+    refuse_pickle_files(staging)
+    write_manifest(staging)
+    if output_dir.exists():
+        output_dir.rmdir()  # empty, checked above
+    staging.rename(output_dir)
     return report
 
 
