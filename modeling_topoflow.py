@@ -25,9 +25,9 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 try:
-    from .configuration_topoflow import DEFAULT_LEAD_TIME_SCALE_HOURS, TopoFlowConfig
+    from .configuration_topoflow import TopoFlowConfig
 except ImportError:
-    from configuration_topoflow import DEFAULT_LEAD_TIME_SCALE_HOURS, TopoFlowConfig
+    from configuration_topoflow import TopoFlowConfig
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -53,9 +53,6 @@ __all__ = [
 
 # transformers' names for the attention kernels this model implements.
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
-
-# The default of `config.lead_time_scale_hours` (ClimaX's hours / 100), kept for importers.
-LEAD_TIME_SCALE_HOURS = DEFAULT_LEAD_TIME_SCALE_HOURS
 
 
 def elevation_bias_between(
