@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 
 __all__ = [
     "DEFAULT_LEAD_TIMES_HOURS",
+    "DEFAULT_LEAD_TIME_SCALE_HOURS",
     "DEFAULT_TARGET_VARIABLES",
     "DEFAULT_VARIABLES",
     "ELEVATION_BIAS_DIRECTIONS",
@@ -27,6 +28,8 @@ DEFAULT_VARIABLES: tuple[str, ...] = (
 )  # fmt: skip
 DEFAULT_TARGET_VARIABLES: tuple[str, ...] = ("pm25", "pm10", "so2", "no2", "co", "o3")
 DEFAULT_LEAD_TIMES_HOURS: tuple[int, ...] = (12, 24, 48, 96)
+# ClimaX feeds the lead-time embedding hours / 100; checkpoints converted from ClimaX rely on it.
+DEFAULT_LEAD_TIME_SCALE_HOURS = 100.0
 # The transport an elevation bias penalizes (see `elevation_bias_direction` below).
 ELEVATION_BIAS_DIRECTIONS: tuple[str, ...] = ("downslope", "upslope")
 
@@ -64,6 +67,15 @@ class TopoFlowConfig(PretrainedConfig):
         lead_times_hours (`Sequence[int]`, defaults to `(12, 24, 48, 96)`):
             Lead times (hours) the model is trained and evaluated for. The model itself accepts any
             positive lead; this list tells the data pipeline and the model card what was used.
+        lead_time_scale_hours (`float`, defaults to 100.0):
+            Hours per unit of the lead-time embedding's input: it sees
+            `lead_time_hours / lead_time_scale_hours`. 100 is ClimaX's scale; the TopoFlow paper
+            code (AmmarKheder/TopoFlow) feeds raw hours, so its converted checkpoints use 1.0.
+        patch_embed_norm (`bool`, defaults to `False`):
+            Apply a LayerNorm (over `embed_dim`, one shared by all variables) to each variable's
+            patch tokens after the patch projection and before the variable embedding is added.
+            ClimaX has none; the TopoFlow paper code has one (`patch_embed.norm`), so its converted
+            checkpoints set True. Adds the weights `embeddings.patch_embed_norm.{weight,bias}`.
         elevation_bias_blocks (`Sequence[int]`, defaults to `()`):
             Indices (0..depth-1) of the blocks whose attention gets the elevation bias.
             Empty = the baseline.
@@ -126,6 +138,8 @@ class TopoFlowConfig(PretrainedConfig):
         drop_rate: float = 0.1,
         attention_dropout: float = 0.0,
         lead_times_hours: Sequence[int] = DEFAULT_LEAD_TIMES_HOURS,
+        lead_time_scale_hours: float = DEFAULT_LEAD_TIME_SCALE_HOURS,
+        patch_embed_norm: bool = False,
         elevation_bias_blocks: Sequence[int] = (),
         elevation_scale: float = 1000.0,
         elevation_alpha_init: float = 0.0,
@@ -155,6 +169,8 @@ class TopoFlowConfig(PretrainedConfig):
         self.drop_rate = drop_rate
         self.attention_dropout = attention_dropout
         self.lead_times_hours = list(lead_times_hours)
+        self.lead_time_scale_hours = lead_time_scale_hours
+        self.patch_embed_norm = patch_embed_norm
         self.elevation_bias_blocks = sorted(int(index) for index in elevation_bias_blocks)
         self.elevation_scale = float(elevation_scale)
         self.elevation_alpha_init = float(elevation_alpha_init)
@@ -241,6 +257,21 @@ class TopoFlowConfig(PretrainedConfig):
             raise ValueError(
                 f"TopoFlowConfig.embed_dim={self.embed_dim} is not divisible by "
                 f"num_heads={self.num_heads}."
+            )
+        if not isinstance(self.patch_embed_norm, bool):
+            raise ValueError(
+                f"TopoFlowConfig.patch_embed_norm must be true or false, got "
+                f"{self.patch_embed_norm!r}."
+            )
+        scale = self.lead_time_scale_hours
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not (math.isfinite(scale) and scale > 0)
+        ):
+            raise ValueError(
+                f"TopoFlowConfig.lead_time_scale_hours (hours per unit of the lead-time "
+                f"embedding's input) must be a finite number > 0, got {scale!r}."
             )
         for field in ("drop_path", "drop_rate", "attention_dropout"):
             if not 0.0 <= getattr(self, field) < 1.0:

@@ -75,9 +75,6 @@ __all__ = [
     "sincos_embedding_1d",
 ]
 
-# ClimaX feeds lead times as hours / 100; checkpoints converted from ClimaX rely on the same scale.
-LEAD_TIME_SCALE_HOURS = 100.0
-
 
 def sincos_embedding_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """(len(positions), dim) sin-cos table: half sines, half cosines (zero-padded if dim is odd)."""
@@ -184,8 +181,9 @@ class TopoFlowVariableAggregation(nn.Module):
 
 
 class TopoFlowEmbeddings(nn.Module):
-    """Per-variable patch embedding, variable embedding, variable aggregation by a learnable query,
-    position and lead-time embeddings: (B, V, H, W) fields -> (B, N, D) tokens."""
+    """Per-variable patch embedding (optionally LayerNorm-ed), variable embedding, variable
+    aggregation by a learnable query, position and lead-time embeddings: (B, V, H, W) fields ->
+    (B, N, D) tokens."""
 
     def __init__(self, config: TopoFlowConfig) -> None:
         super().__init__()
@@ -196,6 +194,8 @@ class TopoFlowEmbeddings(nn.Module):
             num_variables, num_variables * dim, kernel_size=config.patch_size,
             stride=config.patch_size, groups=num_variables,
         )  # fmt: skip
+        # The TopoFlow paper code normalizes each variable's tokens before the variable embedding.
+        self.patch_embed_norm = nn.LayerNorm(dim) if config.patch_embed_norm else None
         self.var_embed = nn.Parameter(torch.zeros(1, num_variables, dim))
         self.var_query = nn.Parameter(torch.zeros(1, 1, dim))
         self.var_agg = TopoFlowVariableAggregation(config)
@@ -207,10 +207,14 @@ class TopoFlowEmbeddings(nn.Module):
         batch, num_variables = fields.shape[:2]
         tokens = self.token_embed(fields)  # (B, V * D, h, w)
         tokens = tokens.reshape(batch, num_variables, -1, self.config.num_patches)
-        tokens = tokens.transpose(2, 3) + self.var_embed[:, :, None]  # (B, V, N, D)
+        tokens = tokens.transpose(2, 3)  # (B, V, N, D)
+        if self.patch_embed_norm is not None:
+            tokens = self.patch_embed_norm(tokens)
+        tokens = tokens + self.var_embed[:, :, None]
         tokens = self._aggregate_variables(tokens)  # (B, N, D)
         tokens = tokens + self.pos_embed
-        lead = (lead_time_hours.to(tokens.dtype) / LEAD_TIME_SCALE_HOURS)[:, None]  # (B, 1)
+        scale = self.config.lead_time_scale_hours
+        lead = (lead_time_hours.to(tokens.dtype) / scale)[:, None]  # (B, 1)
         tokens = tokens + self.lead_time_embed(lead)[:, None]  # (B, 1, D) broadcast over N
         return self.dropout(tokens)
 
