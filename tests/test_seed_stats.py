@@ -175,6 +175,9 @@ def test_calibration_equivalence_with_enough_seeds_and_never_at_twice_the_margin
     # random patterns per experiment; the benchmark runs 1000 of each.
     many = calibrate(100, 30, 0.0, noise=FAST, n_boot=200, seed=3)
     assert many.rate("equivalent") >= 0.9
-    for seeds, n in ((3, 500), (8, 500), (30, 100)):
+    # At twice the margin, TOST at 5% passes only when the seed sd comes out far too small by
+    # chance: 0.32% of experiments with 3 seeds, 0.014% with 8 (integrating the normal mean over the
+    # chi-square sd, per-seed sd 1.3%). So: at most a handful of 500 with 3 seeds, none beyond.
+    for seeds, n, most in ((3, 500, 5), (8, 500, 0), (30, 100, 0)):
         far = calibrate(n, seeds, 2 * DEFAULT_MARGIN, noise=FAST, n_boot=200, seed=4 + seeds)
-        assert far.rate("equivalent") == 0.0
+        assert far.verdicts.get("equivalent", 0) <= most
