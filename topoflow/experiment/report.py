@@ -89,10 +89,11 @@ def _p(p: float | None) -> str:
 
 
 def _gain_table(gains: Sequence[Mapping]) -> str:
-    lines = ["| pollutant | lead (h) | MSE gain | 95% CI | significant |",
+    # Sample-level intervals of seed-averaged models: descriptive, never a verdict.
+    lines = ["| pollutant | lead (h) | MSE gain | 95% CI (sample level) | CI excludes 0 |",
              "|---|---:|---:|---|---|"]
     for g in gains:
-        sig = "yes (better)" if g["ci_low"] > 0 else "yes (worse)" if g["ci_high"] < 0 else "no"
+        sig = "yes (lower)" if g["ci_low"] > 0 else "yes (higher)" if g["ci_high"] < 0 else "no"
         lines.append(f"| {g['variable']} | {g['lead_hours']} | {_pct(g['gain'])} | "
                      f"{_pct(g['ci_low'])} to {_pct(g['ci_high'])} | {sig} |")
     return "\n".join(lines)
@@ -349,7 +350,8 @@ def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
                f"{view.block_means_length} init times: p = "
                f"{_p(view.wilcoxon_block_means.pvalue)} (on the raw samples: p = "
                f"{_p(view.wilcoxon_samples.pvalue)}, overstated by autocorrelation)", ""]
-        md += ["### Per pollutant and lead time", "", _gain_table(comp.gains), ""]
+        md += ["### Per pollutant and lead time (sample level, descriptive)", "",
+               _gain_table(comp.gains), ""]
         md += ["### By elevation band and named region (relative RMSE gain, pooled over seeds)",
                "", comp.regions["markdown"], ""]
     md += ["## Learned elevation alpha", "", _alpha_table(alphas), ""]
