@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "huggingface-hub>=1.0",
     "numpy>=1.26",
+    "scipy>=1.11",  # the seed-level and sample-level tests (topoflow.seed_stats, topoflow.stats)
     "pyarrow>=17",
     "matplotlib>=3.8",
     "tensorboard>=2.15",
@@ -29,7 +30,6 @@ EXTRAS_REQUIRE = {
 }
 EXTRAS_REQUIRE["tests"] = [
     "pytest>=8",
-    "scipy>=1.11",  # reference implementation the statistics are checked against
     "ruff>=0.6",
     *EXTRAS_REQUIRE["caqra"],
     *EXTRAS_REQUIRE["hubserver"],
