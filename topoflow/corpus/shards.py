@@ -195,10 +195,19 @@ def write_static(path: str | os.PathLike, static: Mapping[str, np.ndarray]) -> s
 
 
 def read_static(path: str | os.PathLike, meta: CorpusMetadata) -> dict[str, np.ndarray]:
-    """Read static fields and check every expected one is there with the grid's shape."""
+    """Read static fields after checking their sha256 against the metadata, and check every
+    expected one is there with the grid's shape."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    if not Path(path).is_file():
+        raise CorpusError(f"{path}: static fields file is missing")
+    actual = file_sha256(path)
+    if actual != meta.static_sha256:
+        raise CorpusError(
+            f"{path}: sha256 {actual[:16]}... does not match the metadata's static_sha256 "
+            f"{meta.static_sha256[:16]}... (modified or bit-flipped static fields)"
+        )
     try:
         static = load_file(str(path))
     except (SafetensorError, OSError) as e:
