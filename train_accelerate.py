@@ -339,17 +339,16 @@ def log_sample_ids(output_dir: Path, accelerator: Accelerator, state: TrainerSta
 def save_final_model(model: Any, accelerator: Accelerator, output_dir: Path) -> Path:
     """save_pretrained (safetensors, remote code, config with statistics) + SHA256SUMS, atomically,
     from the main process; the full state dict is gathered collectively first (FSDP)."""
-    from topoflow.safety import check_finite_state_dict, refuse_pickle_files, write_manifest
+    from topoflow.safety import refuse_pickle_files
 
     state_dict = accelerator.get_state_dict(model)
     final = output_dir / "model"
     if accelerator.is_main_process:
-        check_finite_state_dict(state_dict, where="final model")
         tmp = output_dir / ".tmp-model"
         shutil.rmtree(tmp, ignore_errors=True)
+        # save_pretrained refuses NaN/Inf weights before writing and writes SHA256SUMS.
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
         refuse_pickle_files(tmp)
-        write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()
