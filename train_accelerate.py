@@ -256,6 +256,11 @@ def run_eval(model: Any, eval_dl: Any, accelerator: Accelerator, state: TrainerS
                     step=state.global_step)
     accelerator.print(f"step {state.global_step}: {'full ' if result.full else ''}val loss "
                       f"{result.loss:.6f} on {result.n_samples} samples")
+    if not math.isfinite(result.loss):
+        # Every rank holds the same all-reduced loss, so all ranks stop together.
+        raise TrainingAborted(f"step {state.global_step}: the validation loss is {result.loss} "
+                              f"on {result.n_samples} samples ({result.n_cells} valid cells); "
+                              "a run whose evaluation is not finite cannot be judged")
     return result
 
 

@@ -554,8 +554,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--terrain-blocking", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=None,
                         help="write the corpus exactly here (default: the cache folder)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if present (replaces only a folder whose every file "
-                        "a corpus build wrote)")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even if present (replaces only a folder whose every file a "
+                             "corpus build wrote)")
     args = parser.parse_args(argv)
     try:
         path = _build_from_args(args)

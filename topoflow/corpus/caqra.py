@@ -34,7 +34,14 @@ from typing import Any
 import numpy as np
 
 from .build import CorpusWriter, build_atomically, even_edges, finalize_corpus, monthly_edges
-from .schema import DYNAMIC_VARIABLES, POLLUTANTS, UNITS, CorpusError, CorpusMetadata
+from .schema import (
+    DYNAMIC_VARIABLES,
+    POLLUTANTS,
+    SENTINELS,
+    UNITS,
+    CorpusError,
+    CorpusMetadata,
+)
 
 __all__ = [
     "SENTINELS",
@@ -45,8 +52,6 @@ __all__ = [
     "convert_caqra",
     "main",
 ]
-
-SENTINELS = (-999.0, -99.0, -9999.0)
 
 # Plausible (min, max) in the corpus's units (schema.UNITS); generous, they catch unit mistakes.
 PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {

@@ -25,6 +25,7 @@ __all__ = [
     "STATIC_INT_VARIABLES",
     "DEFAULT_INPUT_VARIABLES",
     "UNITS",
+    "SENTINELS",
     "CorpusError",
     "CorpusMetadata",
     "ShardInfo",
@@ -68,6 +69,10 @@ UNITS: dict[str, str] = {
     "land_fraction": "1",
     "region_id": "1",
 }
+
+
+# Fill values that reanalysis files use for "missing"; a corpus holds NaN instead.
+SENTINELS: tuple[float, ...] = (-999.0, -99.0, -9999.0)
 
 
 class CorpusError(Exception):
