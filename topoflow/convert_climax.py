@@ -284,8 +284,10 @@ def convert_climax_checkpoint(
     model = TopoFlowForForecasting(config)
     model.load_state_dict(converted, strict=False)
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
+    # The report first, so the SHA256SUMS that save_pretrained writes covers it too.
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / REPORT_FILENAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    model.save_pretrained(output_dir)
     return report
 
 

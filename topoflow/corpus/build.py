@@ -55,6 +55,7 @@ __all__ = [
     "foreign_entries",
     "verify_corpus_folder",
     "existing_corpus",
+    "check_replaceable",
     "main",
 ]
 
@@ -219,9 +220,14 @@ def hours_since_epoch(iso: str) -> int:
 
 
 def monthly_edges(start: str, end: str) -> list[int]:
-    """Shard edges in hours at every month start from `start` to `end` (both month starts)."""
-    months = np.arange(np.datetime64(start, "M"), np.datetime64(end, "M") + 1)
-    return [int(m.astype("datetime64[h]").astype(np.int64)) for m in months]
+    """Shard edges in hours: `start`, every month start strictly between, and `end`; a split
+    that crosses no month boundary is one shard."""
+    first, last = hours_since_epoch(start), hours_since_epoch(end)
+    if last <= first:
+        raise ValueError(f"split end {end} is not after its start {start}")
+    months = np.arange(np.datetime64(start, "M") + 1, np.datetime64(end, "M") + 1)
+    inner = [int(m.astype("datetime64[h]").astype(np.int64)) for m in months]
+    return [first, *(hour for hour in inner if first < hour < last), last]
 
 
 def even_edges(start: str, end: str, count: int, step_hours: int) -> list[int]:
@@ -390,6 +396,33 @@ def verify_corpus_folder(folder: Path) -> CorpusMetadata:
     return meta
 
 
+def _holds_a_corpus(folder: Path, flag: str) -> bool:
+    """False for an absent or empty folder; True for a corpus folder; raises for anything else
+    (a file, a folder of someone else's files), which no build may write into or replace."""
+    if folder.exists() and not folder.is_dir():
+        raise CorpusError(f"{flag} {folder} is a file, not a folder; refusing to replace it")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return False
+    if not (folder / METADATA_FILE).is_file():
+        shown = sorted(p.name for p in folder.iterdir())[:5]
+        raise CorpusError(
+            f"{flag} {folder} is not empty ({shown}) and holds no TopoFlow corpus; refusing to "
+            f"write into it (nothing there is deleted): choose an empty or new folder"
+        )
+    return True
+
+
+def check_replaceable(folder: Path, flag: str) -> None:
+    """Raise unless `folder` is absent, empty, or a corpus whose every file a build wrote."""
+    if _holds_a_corpus(folder, flag):
+        foreign = foreign_entries(folder, CorpusMetadata.load(folder))
+        if foreign:
+            raise CorpusError(
+                f"{flag} {folder} holds files no corpus build wrote ({foreign[:5]}); refusing to "
+                f"replace the folder: move them out or choose another folder"
+            )
+
+
 def existing_corpus(
     folder: Path, *, size: str, seed: int, terrain_blocking: float, force: bool, flag: str
 ) -> Path | None:
@@ -400,16 +433,8 @@ def existing_corpus(
     not delete what it did not write.
     """
     requested = _requested_provenance(size, seed, terrain_blocking)
-    if folder.exists() and not folder.is_dir():
-        raise CorpusError(f"{flag} {folder} is a file, not a folder; refusing to replace it")
-    if not folder.is_dir() or not any(folder.iterdir()):
+    if not _holds_a_corpus(folder, flag):
         return None
-    if not (folder / METADATA_FILE).is_file():
-        shown = sorted(p.name for p in folder.iterdir())[:5]
-        raise CorpusError(
-            f"{flag} {folder} is not empty ({shown}) and holds no TopoFlow corpus; refusing to "
-            f"write into it (nothing there is deleted): choose an empty or new folder"
-        )
     meta = CorpusMetadata.load(folder)
     foreign = foreign_entries(folder, meta)
     differences = _provenance_differences(meta, requested)
