@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "huggingface-hub>=1.0",
     "numpy>=1.26",
     "pyarrow>=17",
+    "pyyaml>=5.1",
     "matplotlib>=3.8",
     "tensorboard>=2.15",
 ]

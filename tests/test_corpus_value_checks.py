@@ -117,3 +117,10 @@ def test_corpus_with_statistics_far_from_the_model_is_refused(synthetic_corpus, 
                                  "std": meta.normalization["no2"]["std"] * 1000}
     with pytest.raises(ValueError, match="no2: model mean"):
         check_corpus_matches_config(tiny_config, meta)
+
+
+def test_broken_dataset_card_yaml_names_the_card_file(corpus):
+    card = corpus / "README.md"
+    card.write_text(card.read_text().replace("---\n", "---\n  bad: [unclosed\n", 1))
+    with pytest.raises(CorpusError, match=r"README\.md: the dataset card's YAML front matter"):
+        _stream(corpus)
