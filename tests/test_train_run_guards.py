@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -201,3 +202,23 @@ def test_config_fields_are_validated_naming_the_field(fields, message):
     with pytest.raises(ValueError) as err:
         TopoFlowConfig(**fields)
     assert message in str(err.value)
+
+
+def _small_file_size_limit() -> None:
+    # Writes past 60 kB fail with EFBIG as on a full disk (SIGXFSZ ignored so the write returns
+    # the error instead of killing the process): the 100 kB optimizer state cannot be saved.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+
+def test_failed_checkpoint_write_names_the_checkpoint_and_free_space(
+    synthetic_corpus, tiny_config, tmp_path
+):
+    out = tmp_path / "run"
+    args = _args(synthetic_corpus, tiny_config, out, "--checkpointing-steps", "3")
+    done = subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO, env=_env(), text=True,
+                          capture_output=True, timeout=600, preexec_fn=_small_file_size_limit)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "saving the checkpoint of step 3 into" in done.stderr
+    assert "free on that file system" in done.stderr
+    assert not (out / "checkpoints" / "checkpoint-00000003").exists()
