@@ -6,7 +6,10 @@ from `topoflow/`, so a Hub user needs torch + transformers only.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -158,7 +161,9 @@ class TopoFlowConfig(PretrainedConfig):
         # Lists, not tuples: config.json stores lists, and a loaded config must equal a fresh one.
         self.variables = list(variables)
         self.target_variables = list(target_variables)
-        self.img_size = [int(size) for size in img_size]
+        # Integers from numpy (a corpus's grid) become plain ints; anything else is left for
+        # check_topoflow to refuse by name.
+        self.img_size = [int(s) if isinstance(s, numbers.Integral) else s for s in img_size]
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.depth = depth
@@ -172,9 +177,9 @@ class TopoFlowConfig(PretrainedConfig):
         self.lead_time_scale_hours = lead_time_scale_hours
         self.patch_embed_norm = patch_embed_norm
         self.elevation_bias_blocks = sorted(int(index) for index in elevation_bias_blocks)
-        self.elevation_scale = float(elevation_scale)
-        self.elevation_alpha_init = float(elevation_alpha_init)
-        self.elevation_bias_clamp = float(elevation_bias_clamp)
+        self.elevation_scale = _as_float("elevation_scale", elevation_scale)
+        self.elevation_alpha_init = _as_float("elevation_alpha_init", elevation_alpha_init)
+        self.elevation_bias_clamp = _as_float("elevation_bias_clamp", elevation_bias_clamp)
         self.elevation_bias_direction = elevation_bias_direction
         self.elevation_variable = elevation_variable
         all_names = dict.fromkeys([*self.variables, *self.target_variables])
@@ -189,6 +194,7 @@ class TopoFlowConfig(PretrainedConfig):
         self.region_mask_description = region_mask_description
         self.corpus = None if corpus is None else dict(corpus)
         self.initializer_range = initializer_range
+        _refuse_misspelled_fields(kwargs)
         super().__init__(**kwargs)
         self.check_topoflow()
 
@@ -219,10 +225,28 @@ class TopoFlowConfig(PretrainedConfig):
 
     def check_topoflow(self) -> None:
         """Raise `ValueError` naming the field at fault if the TopoFlow fields are inconsistent."""
+        self._check_types()
         self._check_names()
         self._check_geometry()
         self._check_elevation()
         self._check_statistics()
+
+    def _check_types(self) -> None:
+        # A size from a hand-edited config.json as "4" would otherwise fail deep inside torch with
+        # a TypeError that names no field.
+        for field in _INT_FIELDS:
+            _check_int(field, getattr(self, field))
+        for index, size in enumerate(self.img_size):
+            _check_int(f"img_size[{index}]", size)
+        for index, hours in enumerate(self.lead_times_hours):
+            _check_int(f"lead_times_hours[{index}]", hours)
+        for field in _REAL_FIELDS:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(
+                    f"TopoFlowConfig.{field} must be a number, got {value!r} "
+                    f"({type(value).__name__})."
+                )
 
     def _check_names(self) -> None:
         for field in ("variables", "target_variables"):
@@ -304,9 +328,10 @@ class TopoFlowConfig(PretrainedConfig):
                 f"TopoFlowConfig.elevation_bias_direction must be one of "
                 f"{list(ELEVATION_BIAS_DIRECTIONS)}, got {self.elevation_bias_direction!r}."
             )
-        if not math.isfinite(self.elevation_alpha_init):
+        if not (math.isfinite(self.elevation_alpha_init) and self.elevation_alpha_init >= 0):
             raise ValueError(
-                f"TopoFlowConfig.elevation_alpha_init must be finite, got "
+                f"TopoFlowConfig.elevation_alpha_init must be finite and >= 0 (below 0 the "
+                f"clamped bias and alpha's gradient are both 0 for good), got "
                 f"{self.elevation_alpha_init}."
             )
 
@@ -327,6 +352,39 @@ class TopoFlowConfig(PretrainedConfig):
         if not_positive:
             raise ValueError(
                 f"TopoFlowConfig.variable_std must be > 0, got <= 0 for {not_positive}."
+            )
+
+
+_INT_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_depth")
+_REAL_FIELDS = ("mlp_ratio", "drop_path", "drop_rate", "attention_dropout", "initializer_range")
+
+
+def _check_int(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"TopoFlowConfig.{field} must be an int, got {value!r} ({type(value).__name__})."
+        )
+
+
+def _as_float(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"TopoFlowConfig.{field} must be a number, got {value!r} ({type(value).__name__})."
+        )
+    return float(value)
+
+
+def _refuse_misspelled_fields(kwargs: Mapping[str, Any]) -> None:
+    """Unknown keys go to PretrainedConfig, which keeps them silently; one that is nearly the
+    name of a TopoFlow field (`elevation_bias_block`) is a typo whose value would be ignored."""
+    fields = [name for name in inspect.signature(TopoFlowConfig.__init__).parameters
+              if name not in ("self", "kwargs")]  # fmt: skip
+    for key in kwargs:
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+        if close and key not in fields:
+            raise ValueError(
+                f"TopoFlowConfig got the unknown field {key!r}; did you mean {close[0]!r}? "
+                f"(its value would be ignored)"
             )
 
 

@@ -11,10 +11,13 @@ Hub remote code: imports torch and transformers only (never `topoflow/`, dataset
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -55,6 +58,17 @@ except ImportError:
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
+    "MANIFEST_FILENAME",
+    "ManifestError",
+    "NonFiniteWeightsError",
+    "PickleFileError",
+    "check_finite_state_dict",
+    "read_manifest",
+    "refuse_nonfinite_keys",
+    "refuse_pickle_files",
+    "verify_manifest",
+    "verify_pretrained_files",
+    "write_manifest",
     "TopoFlowForForecasting",
     "TopoFlowForecastOutput",
     "TopoFlowModel",
@@ -415,6 +429,206 @@ class TopoFlowBlock(nn.Module):
         return hidden + self.drop_path(self.mlp(self.norm2(hidden))), weights
 
 
+# Weight integrity, here and not in `topoflow/` so that a Hub user's
+# `AutoModel.from_pretrained(folder, trust_remote_code=True)` checks it with only torch and
+# transformers installed. safetensors stores no checksum: a flipped byte in a weight file loads
+# silently as a slightly different number. A model folder therefore carries a `SHA256SUMS` manifest
+# in the format of coreutils' `sha256sum` (`<hex>  <relative path>` per line), covering the files
+# that decide what a load produces: weights, configuration and metadata (*.json) and remote code
+# (*.py). The model card (README.md) and plots are left out so a card edited in the Hub's browser
+# editor does not make the weights unloadable.
+MANIFEST_FILENAME = "SHA256SUMS"
+COVERED_SUFFIXES = (".safetensors", ".json", ".py")
+# Formats that torch.load / pickle would deserialize; loading one can execute arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class ManifestError(ValueError):
+    """A model folder's SHA256SUMS is missing, malformed, or does not match the files."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """A state dict or weight file holds NaN or Inf values."""
+
+
+class PickleFileError(ValueError):
+    """A model folder holds a pickle-based weight file, which this project never loads."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in chunks so multi-GB shards do not need to fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Regular files under `folder`, relative, skipping hidden entries such as `.git` or the
+    `.cache` that `snapshot_download(local_dir=...)` creates."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not any(part.startswith(".") for part in relative.parts) and path.is_file():
+            found.append(relative)
+    return found
+
+
+def find_pickle_files(folder: str | os.PathLike) -> list[str]:
+    """Relative paths of pickle-format files (`.bin`, `.pt`, ...) in `folder`."""
+    return [rel.as_posix() for rel in _visible_files(Path(folder)) if rel.suffix in PICKLE_SUFFIXES]
+
+
+def refuse_pickle_files(folder: str | os.PathLike) -> None:
+    """Raise PickleFileError if `folder` holds any pickle-format file."""
+    found = find_pickle_files(folder)
+    if found:
+        raise PickleFileError(
+            f"model folder {folder} holds pickle-format files {found}; TopoFlow loads and writes "
+            "safetensors only (unpickling can run arbitrary code). Convert them to safetensors."
+        )
+
+
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """Write `folder`/SHA256SUMS over every weight, json and Python file; return its path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write a manifest: model folder {folder} does not exist")
+    refuse_pickle_files(folder)
+    covered = [rel for rel in _visible_files(folder) if rel.suffix in COVERED_SUFFIXES]
+    lines = [f"{sha256_file(folder / rel)}  {rel.as_posix()}\n" for rel in covered]
+    if not any(rel.suffix == ".safetensors" for rel in covered):
+        raise ManifestError(f"model folder {folder} holds no *.safetensors weight file")
+    manifest = folder / MANIFEST_FILENAME
+    temporary = manifest.with_name(MANIFEST_FILENAME + ".tmp")
+    temporary.write_text("".join(lines), encoding="utf-8")
+    os.replace(temporary, manifest)
+    return manifest
+
+
+def parse_manifest(text: str, source: str) -> dict[str, str]:
+    """{relative posix path: hex digest} from the text of a SHA256SUMS file."""
+    entries: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        digest, sep, name = line.partition("  ")
+        malformed = not sep or len(digest) != 64 or not name
+        if malformed or name.startswith("/") or ".." in Path(name).parts:
+            raise ManifestError(f"{source} line {number} is malformed: {line!r}")
+        entries[name] = digest.lower()
+    if not entries:
+        raise ManifestError(f"{source} lists no file")
+    return entries
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, str]:
+    """Parse `folder`/SHA256SUMS into {relative posix path: hex digest}."""
+    manifest = Path(folder) / MANIFEST_FILENAME
+    if not manifest.is_file():
+        raise ManifestError(
+            f"{manifest} is missing: the weights cannot be checked (write it with "
+            "topoflow.safety.write_manifest, or export the model with python -m topoflow.export)"
+        )
+    return parse_manifest(manifest.read_text(encoding="utf-8"), str(manifest))
+
+
+def manifest_problems(expected: dict[str, str], locate: Callable[[str], Path | None]) -> list[str]:
+    """One line per listed file that `locate` cannot find or whose sha256 differs."""
+    problems = []
+    for name, digest in expected.items():
+        path = locate(name)
+        if path is None or not path.is_file():
+            problems.append(f"{name}: listed in {MANIFEST_FILENAME} but missing")
+        elif sha256_file(path) != digest:
+            problems.append(
+                f"{name}: sha256 differs from {MANIFEST_FILENAME} (file corrupted or altered)"
+            )
+    return problems
+
+
+def verify_manifest(folder: str | os.PathLike) -> None:
+    """Raise ManifestError naming every file whose bytes differ from SHA256SUMS, every listed
+    file that is missing, and every weight/json/code file that the manifest does not list."""
+    folder = Path(folder)
+    expected = read_manifest(folder)
+    problems = manifest_problems(expected, lambda name: folder / name)
+    for rel in _visible_files(folder):
+        if rel.suffix in COVERED_SUFFIXES and rel.as_posix() not in expected:
+            problems.append(f"{rel.as_posix()}: present but not listed in {MANIFEST_FILENAME}")
+    if problems:
+        raise ManifestError(
+            f"model folder {folder} fails its checksum manifest:\n  " + "\n  ".join(problems)
+        )
+
+
+def nonfinite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding any NaN or Inf, in the mapping's order."""
+    return [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def check_finite_state_dict(
+    state_dict: Mapping[str, torch.Tensor], *, where: str = "state dict"
+) -> None:
+    """Raise NonFiniteWeightsError listing every key of `state_dict` with NaN or Inf values."""
+    refuse_nonfinite_keys(nonfinite_keys(state_dict), where)
+
+
+def refuse_nonfinite_keys(keys: Sequence[str], where: str) -> None:
+    """Raise NonFiniteWeightsError listing `keys` (tensors found to hold NaN or Inf) in `where`."""
+    if keys:
+        shown = ", ".join(keys[:20]) + (f" ... ({len(keys)} in all)" if len(keys) > 20 else "")
+        raise NonFiniteWeightsError(f"{where} holds NaN or Inf weights in: {shown}")
+
+
+def verify_pretrained_files(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> None:
+    """Check the SHA256SUMS of what `from_pretrained(name_or_path)` is about to load.
+
+    A local folder is checked in full (every covered file listed and intact, no pickle files); a
+    Hub repo has its manifest and every file it lists fetched through transformers' cache and
+    checked. A folder or repo without a manifest loads with a warning: nothing can be checked.
+    """
+    if os.path.isdir(name_or_path):
+        refuse_pickle_files(name_or_path)
+        if (Path(name_or_path) / MANIFEST_FILENAME).is_file():
+            verify_manifest(name_or_path)
+        else:
+            _warn_unchecked(f"model folder {name_or_path}")
+        return
+    from transformers.utils import cached_file
+
+    def fetch(filename: str) -> Path | None:
+        found = cached_file(
+            name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False, **hub_kwargs,
+        )  # fmt: skip
+        return None if found is None else Path(found)
+
+    manifest = fetch(MANIFEST_FILENAME)
+    if manifest is None:
+        _warn_unchecked(f"model repo {name_or_path}")
+        return
+    source = f"{name_or_path}/{MANIFEST_FILENAME}"
+    problems = manifest_problems(parse_manifest(manifest.read_text(encoding="utf-8"), source),
+                                 fetch)  # fmt: skip
+    if problems:
+        raise ManifestError(
+            f"model repo {name_or_path} fails its checksum manifest:\n  " + "\n  ".join(problems)
+        )
+
+
+def _warn_unchecked(what: str) -> None:
+    warnings.warn(
+        f"{what} has no {MANIFEST_FILENAME}: its weights cannot be checked for corruption "
+        f"(save_pretrained writes one; add it with topoflow.safety.write_manifest if you trust "
+        f"the files)",
+        stacklevel=3,
+    )
+
+
 class TopoFlowPreTrainedModel(PreTrainedModel):
     config_class = TopoFlowConfig
     base_model_prefix = "topoflow"
@@ -510,8 +724,12 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
         cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
     ):
         path = cls.resolve_pretrained_name(pretrained_model_name_or_path)
+        if path is not None:
+            hub_kwargs = {key: kwargs[key] for key in _HUB_FILE_KWARGS if key in kwargs}
+            verify_pretrained_files(path, **hub_kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        check_finite_state_dict(model.state_dict(), where=f"model loaded from {path}")
         model._check_loaded(info, overrides=kwargs)
         return (model, info) if wants_info else model
 
@@ -536,7 +754,13 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.update(_AUTO_MAP)
         self.config.auto_map = auto_map
+        # Refused before any file is written: a folder of NaN weights would only fail at load.
+        state_dict = kwargs.get("state_dict")
+        check_finite_state_dict(self.state_dict() if state_dict is None else state_dict,
+                                where=f"model {type(self).__name__} saved to {save_directory}")
         super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_manifest(save_directory)
 
 
 class TopoFlowModel(TopoFlowPreTrainedModel):
@@ -814,6 +1038,9 @@ _AUTO_MAP = {
     "AutoModel": f"modeling_topoflow.{TopoFlowModel.__name__}",
     "AutoModelForTimeSeriesPrediction": f"modeling_topoflow.{TopoFlowForForecasting.__name__}",
 }
+
+# from_pretrained arguments that say where and how to fetch a Hub repo's files.
+_HUB_FILE_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
 
 # `save_pretrained` copies this file and configuration_topoflow.py next to the weights.
 TopoFlowModel.register_for_auto_class("AutoModel")

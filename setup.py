@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "scipy>=1.11",  # the seed-level and sample-level tests (topoflow.seed_stats, topoflow.stats)
     "pyarrow>=17",
+    "pyyaml>=5.1",
     "matplotlib>=3.8",
     "tensorboard>=2.15",
 ]

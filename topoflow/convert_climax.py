@@ -35,7 +35,7 @@ from configuration_topoflow import TopoFlowConfig
 from modeling_topoflow import TopoFlowForForecasting
 from topoflow.convert_report import REPORT_FILENAME, ConversionReport
 from topoflow.convert_sources import read_source_keys, recorded_variables
-from topoflow.safety import check_finite_state_dict, refuse_pickle_files, write_manifest
+from topoflow.safety import check_finite_state_dict, refuse_pickle_files
 
 __all__ = [
     "REPORT_FILENAME",
@@ -342,11 +342,11 @@ def convert_climax_checkpoint(
     # Only what the source (or the config, for elevation-bias scalars) provides is written.
     weights = {key: tensor for key, tensor in model.state_dict().items() if key in converted}
     check_finite_state_dict(weights, where=f"checkpoint {checkpoint_path}")
-    model.save_pretrained(staging, state_dict=weights)
+    # The report first, so the SHA256SUMS that save_pretrained writes covers it too.
+    staging.mkdir(parents=True)
     (staging / REPORT_FILENAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
-    # The same guards as every other model folder the project writes (topoflow/safety.py).
+    model.save_pretrained(staging, state_dict=weights)
     refuse_pickle_files(staging)
-    write_manifest(staging)
     if output_dir.exists():
         output_dir.rmdir()  # empty, checked above
     staging.rename(output_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ import numpy as np
 
 from .schema import (
     DYNAMIC_VARIABLES,
+    METADATA_FILE,
     STATIC_FILE,
     STATIC_VARIABLES,
     UNITS,
@@ -35,7 +37,7 @@ from .schema import (
 from .shards import shard_file_name, write_shard, write_static
 
 # Bump when the bytes a build writes change for the same parameters (invalidates caches).
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 __all__ = [
     "SIZES",
@@ -49,6 +51,11 @@ __all__ = [
     "corpus_cache_name",
     "write_default_corpus",
     "build_default_corpus",
+    "corpus_files",
+    "foreign_entries",
+    "verify_corpus_folder",
+    "existing_corpus",
+    "check_replaceable",
     "main",
 ]
 
@@ -213,9 +220,14 @@ def hours_since_epoch(iso: str) -> int:
 
 
 def monthly_edges(start: str, end: str) -> list[int]:
-    """Shard edges in hours at every month start from `start` to `end` (both month starts)."""
-    months = np.arange(np.datetime64(start, "M"), np.datetime64(end, "M") + 1)
-    return [int(m.astype("datetime64[h]").astype(np.int64)) for m in months]
+    """Shard edges in hours: `start`, every month start strictly between, and `end`; a split
+    that crosses no month boundary is one shard."""
+    first, last = hours_since_epoch(start), hours_since_epoch(end)
+    if last <= first:
+        raise ValueError(f"split end {end} is not after its start {start}")
+    months = np.arange(np.datetime64(start, "M") + 1, np.datetime64(end, "M") + 1)
+    inner = [int(m.astype("datetime64[h]").astype(np.int64)) for m in months]
+    return [first, *(hour for hour in inner if first < hour < last), last]
 
 
 def even_edges(start: str, end: str, count: int, step_hours: int) -> list[int]:
@@ -295,7 +307,7 @@ def finalize_corpus(
         **writer.stats.result(writer.variables, str(folder)),
         **static_stats.result(STATIC_VARIABLES, f"{folder / STATIC_FILE}"),
     }
-    write_static(folder / STATIC_FILE, static)
+    static_sha256 = write_static(folder / STATIC_FILE, static)
     meta = CorpusMetadata(
         name=name,
         variables=list(writer.variables),
@@ -309,6 +321,7 @@ def finalize_corpus(
         shards=shards,
         provenance=provenance,
         halo_hours=writer.halo_hours,
+        static_sha256=static_sha256,
         source=str(folder),
     )
     meta.save(folder)
@@ -324,7 +337,124 @@ def default_cache_root() -> Path:
 def _build_params(size: str, seed: int, terrain_blocking: float) -> dict[str, Any]:
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    if not (math.isfinite(float(terrain_blocking)) and float(terrain_blocking) >= 0):
+        raise ValueError(
+            f"--terrain-blocking must be a finite number >= 0 (0 = terrain has no effect), got "
+            f"{terrain_blocking}"
+        )
     return {"size": size, "seed": int(seed), "terrain_blocking": float(terrain_blocking)}
+
+
+# Provenance keys that decide the bytes of an embedded corpus; equal keys and intact files mean
+# an existing corpus is the one asked for.
+_PROVENANCE_KEYS = ("size", "seed", "terrain_blocking", "builder_version", "generator_version")
+
+
+def _requested_provenance(size: str, seed: int, terrain_blocking: float) -> dict[str, Any]:
+    from .atmosphere import GENERATOR_VERSION
+
+    return {**_build_params(size, seed, terrain_blocking), "builder_version": BUILD_VERSION,
+            "generator_version": GENERATOR_VERSION}  # fmt: skip
+
+
+def _provenance_differences(meta: CorpusMetadata, requested: Mapping[str, Any]) -> list[str]:
+    found = meta.provenance or {}
+    return [
+        f"{key}: {found.get(key)!r} there, {requested[key]!r} asked"
+        for key in _PROVENANCE_KEYS
+        if found.get(key) != requested[key]
+    ]
+
+
+def corpus_files(meta: CorpusMetadata) -> set[str]:
+    """Relative paths of every file a corpus build writes (metadata, card, static, shards)."""
+    return {METADATA_FILE, "README.md", STATIC_FILE, *(s.file for s in meta.shards)}
+
+
+def foreign_entries(folder: Path, meta: CorpusMetadata) -> list[str]:
+    """Entries of `folder` that no corpus build wrote: they belong to someone else."""
+    ours = corpus_files(meta)
+    found = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            if not any(name.startswith(relative + "/") for name in ours):
+                found.append(relative + "/")
+        elif relative not in ours:
+            found.append(relative)
+    return found
+
+
+def verify_corpus_folder(folder: Path) -> CorpusMetadata:
+    """Load a corpus's metadata and check every shard and the static fields by sha256."""
+    from .shards import read_static, validate_shard_file
+
+    meta = CorpusMetadata.load(folder)
+    for shard in meta.shards:
+        validate_shard_file(folder, shard, meta, check_sha256=True)
+    read_static(folder / STATIC_FILE, meta)
+    return meta
+
+
+def _holds_a_corpus(folder: Path, flag: str) -> bool:
+    """False for an absent or empty folder; True for a corpus folder; raises for anything else
+    (a file, a folder of someone else's files), which no build may write into or replace."""
+    if folder.exists() and not folder.is_dir():
+        raise CorpusError(f"{flag} {folder} is a file, not a folder; refusing to replace it")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return False
+    if not (folder / METADATA_FILE).is_file():
+        shown = sorted(p.name for p in folder.iterdir())[:5]
+        raise CorpusError(
+            f"{flag} {folder} is not empty ({shown}) and holds no TopoFlow corpus; refusing to "
+            f"write into it (nothing there is deleted): choose an empty or new folder"
+        )
+    return True
+
+
+def check_replaceable(folder: Path, flag: str) -> None:
+    """Raise unless `folder` is absent, empty, or a corpus whose every file a build wrote."""
+    if _holds_a_corpus(folder, flag):
+        foreign = foreign_entries(folder, CorpusMetadata.load(folder))
+        if foreign:
+            raise CorpusError(
+                f"{flag} {folder} holds files no corpus build wrote ({foreign[:5]}); refusing to "
+                f"replace the folder: move them out or choose another folder"
+            )
+
+
+def existing_corpus(
+    folder: Path, *, size: str, seed: int, terrain_blocking: float, force: bool, flag: str
+) -> Path | None:
+    """`folder` if it already holds the requested corpus, intact; None if the caller may build
+    into it (absent, empty, or with `force` a TopoFlow corpus whose every file a build wrote).
+
+    Never returns None for a folder holding anything a corpus build did not write: TopoFlow does
+    not delete what it did not write.
+    """
+    requested = _requested_provenance(size, seed, terrain_blocking)
+    if not _holds_a_corpus(folder, flag):
+        return None
+    meta = CorpusMetadata.load(folder)
+    foreign = foreign_entries(folder, meta)
+    differences = _provenance_differences(meta, requested)
+    if not differences and not force:
+        verify_corpus_folder(folder)
+        if foreign:
+            raise CorpusError(f"{flag} {folder} holds the requested corpus plus files no build "
+                              f"wrote: {foreign[:5]}; move them out")
+        return folder
+    if foreign:
+        raise CorpusError(
+            f"{flag} {folder} holds files no corpus build wrote ({foreign[:5]}); refusing to "
+            f"replace the folder: move them out or choose another folder"
+        )
+    if not force:
+        raise CorpusError(
+            f"{flag} {folder} holds a corpus built with other settings ({'; '.join(differences)})"
+            f"; pass --force to replace it, or choose another folder"
+        )
+    return None
 
 
 def corpus_cache_name(size: str = "default", seed: int = 0, terrain_blocking: float = 1.0) -> str:
@@ -383,6 +513,8 @@ def write_default_corpus(
         "source": "embedded generator (topoflow.corpus.atmosphere)",
         "size": size, "seed": seed, "terrain_blocking": terrain_blocking,
         "generator_params": _jsonable(asdict(params)), "builder_version": BUILD_VERSION,
+        "generator_version": _requested_provenance(size, seed, terrain_blocking)[
+            "generator_version"],
     }  # fmt: skip
     return finalize_corpus(
         folder, name=f"topoflow-{size}", writer=writer, static=static, splits=preset.splits,
@@ -405,8 +537,10 @@ def build_default_corpus(
     """
     root = Path(root) if root is not None else default_cache_root()
     target = root / corpus_cache_name(size, seed, terrain_blocking)
-    if (target / "topoflow_corpus.json").is_file() and not force:
-        return target
+    found = existing_corpus(target, size=size, seed=seed, terrain_blocking=terrain_blocking,
+                            force=force, flag="cached corpus")  # fmt: skip
+    if found is not None:
+        return found
     return build_atomically(
         target, lambda tmp: write_default_corpus(tmp, size=size, seed=seed,
                                                  terrain_blocking=terrain_blocking),
@@ -420,7 +554,8 @@ def build_atomically(target: Path, write: Any, *, force: bool) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
-        if target.exists() and force:
+        if target.exists() and force and any(target.iterdir()):
+            # Callers check with `existing_corpus` that every file here was written by a build.
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, trash / "old")
             shutil.rmtree(trash)
@@ -444,21 +579,34 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--terrain-blocking", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=None,
                         help="write the corpus exactly here (default: the cache folder)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if present")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even if present (replaces only a folder whose every file a "
+                             "corpus build wrote)")
     args = parser.parse_args(argv)
+    try:
+        path = _build_from_args(args)
+    except (CorpusError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    print(path)
+    return path
+
+
+def _build_from_args(args: argparse.Namespace) -> Path:
     if args.out is None:
         path = build_default_corpus(size=args.size, seed=args.seed,
                                     terrain_blocking=args.terrain_blocking, force=args.force)
-    elif (args.out / "topoflow_corpus.json").is_file() and not args.force:
-        path = args.out
     else:
-        path = build_atomically(
-            args.out.resolve(),
-            lambda tmp: write_default_corpus(tmp, size=args.size, seed=args.seed,
-                                             terrain_blocking=args.terrain_blocking),
-            force=True,
-        )  # fmt: skip
-    print(path)
+        out = args.out.resolve()
+        path = existing_corpus(out, size=args.size, seed=args.seed,
+                               terrain_blocking=args.terrain_blocking, force=args.force,
+                               flag="--out")  # fmt: skip
+        if path is None:
+            path = build_atomically(
+                out,
+                lambda tmp: write_default_corpus(tmp, size=args.size, seed=args.seed,
+                                                 terrain_blocking=args.terrain_blocking),
+                force=True,
+            )  # fmt: skip
     return path
 
 

@@ -36,14 +36,14 @@ class CorpusContext:
     """What the report needs from the corpus: elevation, regions, extent, units, provenance."""
 
     def __init__(self, corpus: str | Path) -> None:
-        from safetensors.numpy import load_file
-
         from topoflow.corpus import CorpusMetadata
+        from topoflow.corpus.schema import STATIC_FILE
+        from topoflow.corpus.shards import read_static
         from topoflow.regions import regions_from_corpus
 
         self.path = Path(corpus)
         self.meta = CorpusMetadata.load(self.path)
-        static = load_file(str(self.path / "static.safetensors"))
+        static = read_static(self.path / STATIC_FILE, self.meta)
         self.elevation_m = static["elevation"].astype(np.float64)
         self.region_codes, self.region_names = regions_from_corpus(self.path)
         grid = self.meta.grid
