@@ -163,3 +163,10 @@ def test_simulate_world_rows_and_time(worlds_on: Path) -> None:
     assert fields["elevation"].shape == (TINY.rows, TINY.height, TINY.width)
     np.testing.assert_array_equal(fields["elevation"][-1], terrain.elevation)
     assert all(np.isfinite(f).all() for f in fields.values())
+
+
+def test_dataset_card_describes_the_worlds(worlds_on: Path) -> None:
+    card = (worlds_on / "README.md").read_text()
+    assert "| `elevation` | dynamic | m |" in card and "| `lat2d` | static |" in card
+    assert "Split by world" in card and "Split by time" not in card
+    assert "license: apache-2.0" in card

@@ -323,11 +323,13 @@ def write_worlds_corpus(
         periods.setdefault(split, [start, start + span])[1] = start + span
         static = {v: getattr(terrain, v) for v in (*WORLD_STATIC_VARIABLES, "region_id")}
     provenance = {
-        "source": "terrain worlds (topoflow.corpus.worlds) on the embedded atmosphere",
+        "source": "embedded generator, terrain worlds (topoflow.corpus.worlds)",
         "size": size, "seed": seed, "terrain_blocking": terrain_blocking,
         "worlds_version": WORLDS_VERSION, "worlds": dict(preset.worlds),
         "world_layout": {k: v for k, v in asdict(preset).items() if k != "worlds"},
-        "split_assignment": "interleaved in time (topoflow.corpus.worlds.split_of_worlds)",
+        "split_note": "Split by world: each world (terrain, winds, sources) is in one split "
+                      "only, so no validation or test terrain is seen in training; the worlds of "
+                      "the three splits interleave in time (topoflow.corpus.worlds).",
     }  # fmt: skip
     splits = {s: (_iso_hour(a), _iso_hour(b)) for s, (a, b) in periods.items()}
     return finalize_corpus(
