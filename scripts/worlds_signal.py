@@ -8,6 +8,10 @@ Two measurements, in units of the blocking-on corpus's pollutant standard deviat
    heights could act on); with the persistence error of the blocking-on corpus for scale.
 2. window: from the same blocking-on state at an initial time, the forecast-window effect of
    switching blocking off (the part a forecaster could learn from the inputs), for a few worlds.
+3. hidden barriers: among patch pairs up to 4 patches apart, the share whose straight path
+   climbs more than 500 m above the higher of the two patch means (a ridge between two lower
+   patches), which an endpoint-height bias cannot see, next to the share whose endpoint rise
+   exceeds 500 m (what it can see).
 
     python scripts/worlds_signal.py ON_CORPUS OFF_CORPUS [--split validation]
 """
@@ -62,6 +66,31 @@ def window_effect(size: str, worlds: Sequence[int], std: dict[str, float]) -> di
     return {key: float(np.mean(values)) for key, values in sums.items()}
 
 
+def hidden_barriers(size: str, worlds: Sequence[int], patch: int = 2, radius: int = 4,
+                    threshold_m: float = 500.0) -> dict[str, float]:
+    """Shares of patch pairs with a path barrier / an endpoint rise above `threshold_m`."""
+    preset = WORLD_SIZES[size]
+    rows, cols = preset.height // patch, preset.width // patch
+    hidden, visible, pairs = 0, 0, 0
+    for index in worlds:
+        z = world_terrain(0, index, preset.height, preset.width).elevation.astype(np.float64)
+        means = patch_mean(z, patch)
+        for i in range(rows * cols):
+            for j in range(rows * cols):
+                (ri, ci), (rj, cj) = divmod(i, cols), divmod(j, cols)
+                if i == j or max(abs(ri - rj), abs(ci - cj)) > radius:
+                    continue
+                t = np.linspace(0.0, 1.0, 8 * radius + 1)
+                path_r = ((ri + t * (rj - ri)) * patch + patch / 2).astype(int)
+                path_c = ((ci + t * (cj - ci)) * patch + patch / 2).astype(int)
+                top = max(means[ri, ci], means[rj, cj])
+                pairs += 1
+                hidden += z[path_r, path_c].max() - top > threshold_m
+                visible += abs(means[ri, ci] - means[rj, cj]) > threshold_m
+    return {f"pairs_with_hidden_barrier_over_{threshold_m:.0f}m": float(hidden / pairs),
+            f"pairs_with_endpoint_rise_over_{threshold_m:.0f}m": float(visible / pairs)}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("on", type=Path)
@@ -91,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 sums.setdefault(key, []).append(float((patch_mean(diff, patch) ** 2).mean()))
     result = {key: float(np.mean(values)) for key, values in sums.items()}
     result.update(window_effect(on_meta.provenance["size"], range(args.window_worlds), std))
+    result.update(hidden_barriers(on_meta.provenance["size"], range(args.window_worlds)))
     for key, value in result.items():
         print(f"{key:38s} {value:.4f}")
     return result
