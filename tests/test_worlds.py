@@ -170,3 +170,13 @@ def test_dataset_card_describes_the_worlds(worlds_on: Path) -> None:
     assert "| `elevation` | dynamic | m |" in card and "| `lat2d` | static |" in card
     assert "Split by world" in card and "Split by time" not in card
     assert "license: apache-2.0" in card
+
+
+def test_worlds_sizes_have_their_own_cache_names() -> None:
+    from topoflow.corpus.build import corpus_cache_name
+
+    names = {size: corpus_cache_name(size) for size in ("default", "worlds", "worlds-tiny")}
+    assert len(set(names.values())) == 3 and names["worlds"].startswith("topoflow-worlds-")
+    assert corpus_cache_name("worlds", terrain_blocking=0.0) != names["worlds"]
+    with pytest.raises(ValueError, match="worlds-tiny"):
+        corpus_cache_name("world")
