@@ -95,6 +95,15 @@ class TopoFlowConfig(PretrainedConfig):
             ReLU((z_j - z_i) / H_scale), -clamp, 0). `"upslope"`: attending to a lower source,
             the same formula with z_i - z_j; this is the direction the embedded corpus's terrain
             blocking acts in (docs/results/README.md). A checkpoint without the key is downslope.
+        elevation_bias_placebo (`bool`, defaults to `False`):
+            Compute the bias from a per-sample random shuffle of the patch heights instead of the
+            heights themselves: the same values, no geography (the placebo arm of the controlled
+            experiment, docs/experiment.md). A fresh permutation per sample and forward pass in
+            training; in evaluation a fixed-seed one, so evaluation is repeatable.
+        elevation_input_masked (`bool`, defaults to `False`):
+            Set the elevation input channel to 0 (its training mean) before the patch embedding,
+            after the bias has read it: the model then sees the terrain only through the bias
+            (with no bias block: not at all). An ablation separating the bias from the channel.
         elevation_variable (`str` or `None`, defaults to `"elevation"`):
             Input channel holding the terrain elevation (normalized like every input). When it is
             None or not among `variables`, `forward` needs `elevation=` (metres) if bias blocks
@@ -149,6 +158,8 @@ class TopoFlowConfig(PretrainedConfig):
         elevation_bias_clamp: float = 10.0,
         elevation_bias_direction: str = "downslope",
         elevation_variable: str | None = "elevation",
+        elevation_bias_placebo: bool = False,
+        elevation_input_masked: bool = False,
         variable_mean: Mapping[str, float] | None = None,
         variable_std: Mapping[str, float] | None = None,
         variable_units: Mapping[str, str] | None = None,
@@ -182,6 +193,8 @@ class TopoFlowConfig(PretrainedConfig):
         self.elevation_bias_clamp = _as_float("elevation_bias_clamp", elevation_bias_clamp)
         self.elevation_bias_direction = elevation_bias_direction
         self.elevation_variable = elevation_variable
+        self.elevation_bias_placebo = elevation_bias_placebo
+        self.elevation_input_masked = elevation_input_masked
         all_names = dict.fromkeys([*self.variables, *self.target_variables])
         self.variable_mean = (
             {name: 0.0 for name in all_names} if variable_mean is None else dict(variable_mean)
@@ -327,6 +340,16 @@ class TopoFlowConfig(PretrainedConfig):
             raise ValueError(
                 f"TopoFlowConfig.elevation_bias_direction must be one of "
                 f"{list(ELEVATION_BIAS_DIRECTIONS)}, got {self.elevation_bias_direction!r}."
+            )
+        for field in ("elevation_bias_placebo", "elevation_input_masked"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(
+                    f"TopoFlowConfig.{field} must be true or false, got {getattr(self, field)!r}."
+                )
+        if self.elevation_input_masked and self.elevation_channel is None:
+            raise ValueError(
+                f"TopoFlowConfig.elevation_input_masked=True needs the elevation channel "
+                f"elevation_variable={self.elevation_variable!r} among the variables."
             )
         if not (math.isfinite(self.elevation_alpha_init) and self.elevation_alpha_init >= 0):
             raise ValueError(

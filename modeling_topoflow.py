@@ -85,6 +85,7 @@ __all__ = [
     "masked_mse",
     "patch_mean_elevation",
     "plain_attention",
+    "shuffle_patch_heights",
     "sincos_position_embedding_2d",
     "sincos_embedding_1d",
 ]
@@ -113,6 +114,23 @@ def patch_mean_elevation(elevation_m: torch.Tensor, patch_size: int) -> torch.Te
     """(B, H, W) metres -> (B, N) mean metres per patch, row-major like the tokens."""
     pooled = F.avg_pool2d(elevation_m[:, None].float(), kernel_size=patch_size)  # (B, 1, h, w)
     return pooled.flatten(1)
+
+
+# Seed of the placebo's permutations in evaluation, so a placebo model evaluates repeatably.
+PLACEBO_EVAL_SEED = 0
+
+
+def shuffle_patch_heights(
+    elevation_m: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The placebo's heights: each sample's (B, N) patch heights in an independent random order.
+
+    The values (and so the height distribution, the spread, the mean rise) are kept; which patch
+    has which height, the geography, is not. `generator` (a CPU generator) fixes the order.
+    """
+    keys = torch.rand(elevation_m.shape, generator=generator)  # (B, N) on the CPU
+    order = keys.argsort(dim=1).to(elevation_m.device)
+    return elevation_m.gather(1, order)
 
 
 @dataclass
@@ -807,6 +825,10 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         lead_time_hours = self._check_inputs(fields, lead_time_hours, variables)
         elevation_m = self._patch_elevation(fields, elevation)
+        if self.config.elevation_input_masked:
+            # 0 is the channel's training mean: the embedding sees a flat world.
+            fields = fields.index_fill(1, torch.tensor([self.config.elevation_channel],
+                                                       device=fields.device), 0.0)
 
         hidden = self.embeddings(fields, lead_time_hours)  # (B, N, D)
         all_hidden = [hidden] if output_hidden_states else None
@@ -904,7 +926,11 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
                 )
             if not torch.compiler.is_compiling() and not torch.isfinite(elevation).all():
                 raise ValueError("elevation: expected finite metres, received NaN/inf.")
-        return patch_mean_elevation(elevation, config.patch_size)
+        heights = patch_mean_elevation(elevation, config.patch_size)
+        if config.elevation_bias_placebo:
+            generator = None if self.training else torch.Generator().manual_seed(PLACEBO_EVAL_SEED)
+            heights = shuffle_patch_heights(heights, generator)
+        return heights
 
 
 class TopoFlowForForecasting(TopoFlowPreTrainedModel):

@@ -202,11 +202,18 @@ def load_model(args: Any, meta: Any, accelerator: Accelerator) -> tuple[Any, Loa
         "attn_implementation": args.attn_implementation}
     if args.elevation_direction is not None:
         extra["elevation_bias_direction"] = args.elevation_direction
+    # The issue-14 ablation arms; set only when asked, so other runs' configs stay as they were.
+    ablations = {key: True for key, wanted in (
+        ("elevation_bias_placebo", args.elevation_placebo),
+        ("elevation_input_masked", args.mask_elevation_input)) if wanted}
+    extra.update(ablations)
     if args.from_scratch:
         config = build_from_scratch_config(
             args.config, meta, elevation_blocks=args.elevation_blocks,
             elevation_scale=args.elevation_scale, alpha_init=args.alpha_init,
             elevation_direction=args.elevation_direction)
+        for key, value in ablations.items():
+            setattr(config, key, value)
         model = TopoFlowForForecasting(config)
         if args.attn_implementation is not None:
             model.set_attn_implementation(args.attn_implementation)
@@ -639,6 +646,8 @@ def build_report(args: Any, accelerator: Accelerator, model: Any, state: Trainer
             "elevation_blocks": args.elevation_blocks, "elevation_scale": args.elevation_scale,
             "alpha_init": args.alpha_init, "trainable": args.trainable,
             "elevation_direction": config.elevation_bias_direction,
+            "elevation_placebo": config.elevation_bias_placebo,
+            "elevation_input_masked": config.elevation_input_masked,
             "alpha_learning_rate": alpha_learning_rate(args, config),
             "steps": state.global_step, "planned_steps": total_steps, "epochs_started":
             state.epoch + 1, "world_size": accelerator.num_processes,

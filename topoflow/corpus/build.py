@@ -50,6 +50,7 @@ __all__ = [
     "default_cache_root",
     "corpus_cache_name",
     "write_default_corpus",
+    "write_corpus",
     "build_default_corpus",
     "corpus_files",
     "foreign_entries",
@@ -294,25 +295,30 @@ def finalize_corpus(
     regions: Mapping[Any, str],
     provenance: dict[str, Any],
     units: Mapping[str, str] = UNITS,
+    static_variables: Sequence[str] = STATIC_VARIABLES,
 ) -> CorpusMetadata:
-    """Close the writer, write static fields, metadata and the dataset card; return the metadata."""
+    """Close the writer, write static fields, metadata and the dataset card; return the metadata.
+
+    `static_variables` are the float fields stored once; a corpus whose elevation or population
+    changes from sample to sample (the terrain worlds) stores them as dynamic variables instead.
+    """
     from .card import write_dataset_card
 
     folder = Path(folder)
     shards = writer.finish()
     static_stats = RunningStats()
-    for v in STATIC_VARIABLES:
+    for v in static_variables:
         static_stats.update(v, static[v])
     normalization = {
         **writer.stats.result(writer.variables, str(folder)),
-        **static_stats.result(STATIC_VARIABLES, f"{folder / STATIC_FILE}"),
+        **static_stats.result(static_variables, f"{folder / STATIC_FILE}"),
     }
     static_sha256 = write_static(folder / STATIC_FILE, static)
     meta = CorpusMetadata(
         name=name,
         variables=list(writer.variables),
-        static_variables=list(STATIC_VARIABLES),
-        units={v: units[v] for v in (*writer.variables, *STATIC_VARIABLES, "region_id")},
+        static_variables=list(static_variables),
+        units={v: units[v] for v in (*writer.variables, *static_variables, "region_id")},
         grid=grid_from_static(static),
         time_step_hours=writer.step,
         splits={s: {"start": a, "end": b} for s, (a, b) in splits.items()},
@@ -334,9 +340,16 @@ def default_cache_root() -> Path:
     return Path(base) / "corpora"
 
 
+def _all_sizes() -> list[str]:
+    """The default-corpus sizes and the terrain-worlds presets (worlds.py)."""
+    from .worlds import WORLD_SIZES
+
+    return sorted([*SIZES, *WORLD_SIZES])
+
+
 def _build_params(size: str, seed: int, terrain_blocking: float) -> dict[str, Any]:
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    if size not in _all_sizes():
+        raise ValueError(f"size must be one of {_all_sizes()}, got {size!r}")
     if not (math.isfinite(float(terrain_blocking)) and float(terrain_blocking) >= 0):
         raise ValueError(
             f"--terrain-blocking must be a finite number >= 0 (0 = terrain has no effect), got "
@@ -460,10 +473,13 @@ def existing_corpus(
 def corpus_cache_name(size: str = "default", seed: int = 0, terrain_blocking: float = 1.0) -> str:
     """`topoflow-<size>-<hash>`: the hash covers every input that changes the bytes written."""
     from . import atmosphere
+    from .worlds import WORLD_SIZES, WORLDS_VERSION
 
     params = _build_params(size, seed, terrain_blocking)
     key = {**params, "schema": BUILD_VERSION,
            "generator": getattr(atmosphere, "GENERATOR_VERSION", "unversioned")}  # fmt: skip
+    if size in WORLD_SIZES:
+        key["worlds"] = WORLDS_VERSION
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return f"topoflow-{size}-{digest}"
 
@@ -522,6 +538,16 @@ def write_default_corpus(
     )  # fmt: skip
 
 
+def write_corpus(
+    folder: str | os.PathLike, *, size: str, seed: int, terrain_blocking: float
+) -> CorpusMetadata:
+    """Write the embedded corpus of `size`: a default-corpus size or a terrain-worlds preset."""
+    from .worlds import WORLD_SIZES, write_worlds_corpus
+
+    write = write_worlds_corpus if size in WORLD_SIZES else write_default_corpus
+    return write(folder, size=size, seed=seed, terrain_blocking=terrain_blocking)
+
+
 def build_default_corpus(
     root: str | os.PathLike | None = None,
     size: str = "default",
@@ -542,8 +568,8 @@ def build_default_corpus(
     if found is not None:
         return found
     return build_atomically(
-        target, lambda tmp: write_default_corpus(tmp, size=size, seed=seed,
-                                                 terrain_blocking=terrain_blocking),
+        target, lambda tmp: write_corpus(tmp, size=size, seed=seed,
+                                         terrain_blocking=terrain_blocking),
         force=force,
     )  # fmt: skip
 
@@ -574,7 +600,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         prog="python -m topoflow.corpus.build", description="Build the embedded TopoFlow corpus."
     )
-    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument("--size", choices=_all_sizes(), default="default",
+                        help="worlds / worlds-tiny: the terrain-worlds controls (a terrain per "
+                             "sample, topoflow/corpus/worlds.py); the others: the embedded default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--terrain-blocking", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=None,
@@ -603,8 +631,8 @@ def _build_from_args(args: argparse.Namespace) -> Path:
         if path is None:
             path = build_atomically(
                 out,
-                lambda tmp: write_default_corpus(tmp, size=args.size, seed=args.seed,
-                                                 terrain_blocking=args.terrain_blocking),
+                lambda tmp: write_corpus(tmp, size=args.size, seed=args.seed,
+                                         terrain_blocking=args.terrain_blocking),
                 force=True,
             )  # fmt: skip
     return path

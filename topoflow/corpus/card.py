@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .schema import STATIC_VARIABLES, CorpusMetadata
+from .schema import CorpusMetadata
 
 __all__ = ["TEMPLATE_PATH", "card_data_for", "render_dataset_card", "write_dataset_card"]
 
@@ -21,6 +21,10 @@ _LICENSE_TEXT = {
     "apache-2.0": "Apache-2.0, like the TopoFlow code that generates it: the data are synthetic.",
     "other": "Converted from third-party data: the original data's terms of use apply.",
 }
+
+
+# How splits are made unless the provenance says otherwise (the terrain worlds split by world).
+_SPLIT_BY_TIME = "Split by time, so no test period is seen in training."
 
 
 def _size_category(rows: int) -> str:
@@ -65,7 +69,7 @@ def render_dataset_card(
         synthetic = "embedded generator" in str(meta.provenance.get("source"))
         license = "apache-2.0" if synthetic else "other"
     variable_rows = [
-        {"name": v, "kind": "static" if v in STATIC_VARIABLES else "dynamic",
+        {"name": v, "kind": "static" if v in meta.static_variables else "dynamic",
          "unit": meta.units[v], "mean": _fmt(meta.normalization[v]["mean"]),
          "std": _fmt(meta.normalization[v]["std"])}
         for v in (*meta.variables, *meta.static_variables)
@@ -95,6 +99,7 @@ def render_dataset_card(
         regions=sorted(meta.regions.items(), key=lambda kv: kv[0].zfill(12)),
         provenance=json.dumps(meta.provenance, indent=2, sort_keys=True),
         license_text=_LICENSE_TEXT.get(license, license),
+        split_note=meta.provenance.get("split_note", _SPLIT_BY_TIME),
     )  # fmt: skip
 
 

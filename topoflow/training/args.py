@@ -64,6 +64,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="transport the bias penalizes: downslope (attending to a higher "
                             "source, DESIGN.md) or upslope (to a lower source); default: the "
                             "checkpoint's, else downslope")
+    group.add_argument("--elevation-placebo", action="store_true",
+                       help="placebo arm: the bias from a per-sample shuffle of the patch heights "
+                            "(same values, no geography; config.elevation_bias_placebo)")
+    group.add_argument("--mask-elevation-input", action="store_true",
+                       help="set the elevation input channel to 0 so the terrain reaches the "
+                            "model only through the bias (config.elevation_input_masked)")
     group.add_argument("--allow-missing-keys", action="store_true",
                        help="train even if keys other than the new bias keys are missing")
     group.add_argument("--trainable", type=_trainable, default="all",

@@ -40,6 +40,10 @@ CONFIG_PRESETS: dict[str, dict[str, Any]] = {
     # (about 1460 steps of 8 samples) costs about 0.15 CPU-s per step. embed_dim 128 costs 2.5x.
     "base": {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0,
              "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0},
+    # The terrain-worlds controls (docs/experiment.md): `base` at patch 2, so the 16 x 32 worlds
+    # give 128 tokens of 2 x 2 cells (blocking that crosses patch faces is twice that at patch 4).
+    "worlds": {"patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0,
+               "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0},
 }
 
 
