@@ -1,14 +1,15 @@
-"""Elevation-biased attention (sorted-token exact path) against plain SDPA on CPU.
+"""Elevation-biased attention against plain SDPA on CPU (issue 17's table by default).
 
 Prints, in one run: fp64 exactness against the eager reference (outputs and gradients of q, k, v
-and alpha, sea-level ties included, and the clamp-active fallback), fp32 error against SDPA's math
-kernel, forward and forward+backward time ratios measured interleaved (biased and plain runs
-alternate, medians reported), and peak extra resident memory of forward+backward.
+and alpha, sea-level ties included, and the clamp-active fallback) of the sorted and dense paths,
+fp32 error against SDPA's math kernel, forward and forward+backward time ratios per row of
+B x heads x N x head dim, measured interleaved (biased and plain runs alternate, medians
+reported, CPU time and wall time), and peak extra resident memory of forward+backward.
 
-    python benchmarks/attention.py                 # N = 1024 .. 8192, head dim 96, 8 heads
-    python benchmarks/attention.py --lengths 1024 2048 --repeats 3
+    python benchmarks/attention.py                        # the table; sdpa = what the model runs
+    python benchmarks/attention.py --rows 8,8,512,96 --paths sdpa sorted dense --skip memory
 
-Not a test: nothing here fails; the numbers and targets (issue 7) are printed side by side.
+Not a test: nothing here fails; the numbers and targets are printed side by side.
 """
 
 from __future__ import annotations
@@ -114,9 +115,10 @@ def report_exactness(length: int, heads: int, head_dim: int) -> None:
     print(f"\n== fp64 exactness vs eager (B=2, h={heads}, N={length}, d={head_dim}, "
           f"{int((heights == 0).sum())} sea-level ties) ==")  # fmt: skip
     reference = attention_with_grads(eager_elevation_attention, tensors, heights, ALPHA)
-    fast = attention_with_grads(sorted_path, tensors, heights, ALPHA)
-    for name, diff in zip(names, max_abs_differences(fast, reference), strict=True):
-        print(f"  sorted  {name:7s} max |diff| {diff:.2e}  (target <= 1e-12)")
+    for label, function in (("sorted", sorted_path), ("dense", dense_elevation_attention)):
+        fast = attention_with_grads(function, tensors, heights, ALPHA)
+        for name, diff in zip(names, max_abs_differences(fast, reference), strict=True):
+            print(f"  {label:6s}  {name:7s} max |diff| {diff:.2e}  (target <= 1e-12)")
     steep = 5.0  # alpha * range / H = 25 > clamp: the exact chunked fallback runs
     assert not clamp_is_inactive(heights, alpha=steep, h_scale=H_SCALE_M, clamp_max=CLAMP_MAX)
     reference = attention_with_grads(eager_elevation_attention, tensors, heights, steep)
