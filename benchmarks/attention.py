@@ -1,14 +1,15 @@
-"""Elevation-biased attention (sorted-token exact path) against plain SDPA on CPU.
+"""Elevation-biased attention against plain SDPA on CPU (issue 17's table by default).
 
 Prints, in one run: fp64 exactness against the eager reference (outputs and gradients of q, k, v
-and alpha, sea-level ties included, and the clamp-active fallback), fp32 error against SDPA's math
-kernel, forward and forward+backward time ratios measured interleaved (biased and plain runs
-alternate, medians reported), and peak extra resident memory of forward+backward.
+and alpha, sea-level ties included, and the clamp-active fallback) of the sorted and dense paths,
+fp32 error against SDPA's math kernel, forward and forward+backward time ratios per row of
+B x heads x N x head dim, measured interleaved (biased and plain runs alternate, medians
+reported, CPU time and wall time), and peak extra resident memory of forward+backward.
 
-    python benchmarks/attention.py                 # N = 1024 .. 8192, head dim 96, 8 heads
-    python benchmarks/attention.py --lengths 1024 2048 --repeats 3
+    python benchmarks/attention.py                        # the table; sdpa = what the model runs
+    python benchmarks/attention.py --rows 8,8,512,96 --paths sdpa sorted dense --skip memory
 
-Not a test: nothing here fails; the numbers and targets (issue 7) are printed side by side.
+Not a test: nothing here fails; the numbers and targets are printed side by side.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,10 +32,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_topoflow import (  # noqa: E402
+from attention_topoflow import (  # noqa: E402
     clamp_is_inactive,
+    dense_elevation_attention,
     eager_elevation_attention,
     elevation_bias_between,
+    elevation_biased_attention,
     sorted_elevation_attention,
 )
 
@@ -46,6 +50,9 @@ def sorted_path(query, key, value, **kwargs):  # noqa: ANN001, ANN003, ANN201
 
 H_SCALE_M = 1000.0
 CLAMP_MAX = 10.0
+# Issue 17's table: (B, heads, N, head dim) of the sizes people train at.
+ISSUE_ROWS = [(8, 4, 128, 16), (8, 4, 512, 16), (8, 8, 512, 96), (8, 8, 1024, 96),
+              (8, 8, 2048, 96), (1, 8, 4096, 96), (1, 8, 8192, 96)]  # fmt: skip
 ALPHA = 2.0
 
 
@@ -108,9 +115,10 @@ def report_exactness(length: int, heads: int, head_dim: int) -> None:
     print(f"\n== fp64 exactness vs eager (B=2, h={heads}, N={length}, d={head_dim}, "
           f"{int((heights == 0).sum())} sea-level ties) ==")  # fmt: skip
     reference = attention_with_grads(eager_elevation_attention, tensors, heights, ALPHA)
-    fast = attention_with_grads(sorted_path, tensors, heights, ALPHA)
-    for name, diff in zip(names, max_abs_differences(fast, reference), strict=True):
-        print(f"  sorted  {name:7s} max |diff| {diff:.2e}  (target <= 1e-12)")
+    for label, function in (("sorted", sorted_path), ("dense", dense_elevation_attention)):
+        fast = attention_with_grads(function, tensors, heights, ALPHA)
+        for name, diff in zip(names, max_abs_differences(fast, reference), strict=True):
+            print(f"  {label:6s}  {name:7s} max |diff| {diff:.2e}  (target <= 1e-12)")
     steep = 5.0  # alpha * range / H = 25 > clamp: the exact chunked fallback runs
     assert not clamp_is_inactive(heights, alpha=steep, h_scale=H_SCALE_M, clamp_max=CLAMP_MAX)
     reference = attention_with_grads(eager_elevation_attention, tensors, heights, steep)
@@ -151,16 +159,31 @@ def timed(step: Callable[[], None]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def make_steps(length: int, heads: int, head_dim: int) -> dict[str, Callable[[], None]]:
-    """The four timed steps on one set of fp32 inputs (B = 1)."""
-    query, key, value, grad_out = make_inputs(1, heads, length, head_dim, torch.float32, seed=3)
-    heights = make_heights(1, length, seed=4).float()
+def biased_attention(path: str) -> Callable[..., torch.Tensor]:
+    """The biased kernel users get ("sdpa": chosen per size) or one forced path, same arguments."""
+    if path == "sdpa":
+        return partial(elevation_biased_attention, implementation="sdpa")
+    if path == "sorted":
+        return sorted_path
+    if path == "dense":
+        return dense_elevation_attention
+    raise ValueError(f"--paths: unknown path {path!r}; expected sdpa, sorted or dense")
+
+
+def make_steps(
+    shape: tuple[int, int, int, int], paths: list[str]
+) -> dict[str, Callable[[], None]]:
+    """Forward and forward+backward steps of plain SDPA and of each biased path, one fp32 input."""
+    batch, heads, length, head_dim = shape
+    query, key, value, grad_out = make_inputs(batch, heads, length, head_dim, torch.float32, seed=3)
+    heights = make_heights(batch, length, seed=4).float()
     alpha = torch.tensor(ALPHA, requires_grad=True)
     h_scale = torch.tensor(H_SCALE_M)
     leaves = [t.clone().requires_grad_(True) for t in (query, key, value)]
 
-    def biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return sorted_path(
+    def biased(path: str) -> Callable[..., torch.Tensor]:
+        function = biased_attention(path)
+        return lambda q, k, v: function(
             q, k, v, elevation_m=heights, alpha=alpha, h_scale=h_scale, clamp_max=CLAMP_MAX
         )
 
@@ -179,39 +202,53 @@ def make_steps(length: int, heads: int, head_dim: int) -> dict[str, Callable[[],
 
         return step
 
+    steps = {"plain fwd": forward(F.scaled_dot_product_attention),
+             "plain fwd+bwd": training(F.scaled_dot_product_attention)}  # fmt: skip
+    for path in paths:
+        steps[f"{path} fwd"] = forward(biased(path))
+        steps[f"{path} fwd+bwd"] = training(biased(path))
+    return steps
+
+
+def measure_row(
+    shape: tuple[int, int, int, int], paths: list[str], repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Median (wall, cpu) seconds of every step, the steps interleaved repeat by repeat."""
+    steps = make_steps(shape, paths)
+    for step in steps.values():
+        step()  # warm-up
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    names = list(steps)
+    for repeat in range(repeats):
+        # Alternate the order so a slow drift of the machine hits both sides equally.
+        for name in names if repeat % 2 == 0 else reversed(names):
+            times[name].append(timed(steps[name]))
     return {
-        "plain fwd": forward(F.scaled_dot_product_attention),
-        "biased fwd": forward(biased),
-        "plain fwd+bwd": training(F.scaled_dot_product_attention),
-        "biased fwd+bwd": training(biased),
+        name: tuple(statistics.median(t[column] for t in values) for column in (0, 1))
+        for name, values in times.items()
     }
 
 
-def report_speed(lengths: list[int], heads: int, head_dim: int, repeats: int) -> None:
+def report_speed(rows: list[tuple[int, int, int, int]], paths: list[str], repeats: int) -> None:
     load = os.getloadavg()[0]
-    print(f"\n== time, fp32, B=1, h={heads}, d={head_dim}, {torch.get_num_threads()} threads, "
-          f"{repeats} interleaved repeats, medians; load average {load:.1f} ==")  # fmt: skip
-    print("  wall: elapsed seconds; cpu: CPU seconds of this process, less sensitive to other "
-          "processes sharing the cores (run with OMP_WAIT_POLICY=PASSIVE on a busy machine)")
-    for length in lengths:
-        steps = make_steps(length, heads, head_dim)
-        for step in steps.values():
-            step()  # warm-up
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
-        names = list(steps)
-        for repeat in range(repeats):
-            # Alternate the order so a slow drift of the machine hits both sides equally.
-            for name in names if repeat % 2 == 0 else reversed(names):
-                times[name].append(timed(steps[name]))
-        for clock, column in (("wall", 0), ("cpu", 1)):
-            median = {name: statistics.median(t[column] for t in times[name]) for name in names}
-            forward = median["biased fwd"] / median["plain fwd"]
-            training = median["biased fwd+bwd"] / median["plain fwd+bwd"]
-            print(f"  N={length:5d} {clock:4s} fwd {median['plain fwd']:7.3f} -> "
-                  f"{median['biased fwd']:7.3f} s ratio {forward:.3f}   fwd+bwd "
-                  f"{median['plain fwd+bwd']:7.3f} -> {median['biased fwd+bwd']:7.3f} s "
-                  f"ratio {training:.3f}")  # fmt: skip
-    print("  targets: fwd+bwd <= 1.3 at N=4096 and 8192; fwd <= 1.15 at N=8192")
+    print(f"\n== time, fp32, {torch.get_num_threads()} threads, {repeats} interleaved repeats "
+          f"(fewer above 2**31 logit-dims), medians; load average {load:.1f} ==")  # fmt: skip
+    print("  ratio = biased / plain SDPA on the same q, k, v; cpu: CPU seconds of this process "
+          "(robust to other processes on the cores), wall: elapsed")
+    print("  | B | heads | N | head dim | path | fwd+bwd cpu | fwd+bwd wall | fwd cpu | "
+          "plain fwd+bwd cpu s |")
+    print("  |---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    for shape in rows:
+        batch, heads, length, head_dim = shape
+        work = batch * heads * length * length * head_dim
+        median = measure_row(shape, paths, repeats if work <= 2**31 else max(3, repeats // 2))
+        plain_train, plain_fwd = median["plain fwd+bwd"], median["plain fwd"]
+        for path in paths:
+            train, fwd = median[f"{path} fwd+bwd"], median[f"{path} fwd"]
+            print(f"  | {batch} | {heads} | {length} | {head_dim} | {path} | "
+                  f"{train[1] / plain_train[1]:.2f}x | {train[0] / plain_train[0]:.2f}x | "
+                  f"{fwd[1] / plain_fwd[1]:.2f}x | {plain_train[1]:.3f} |", flush=True)  # fmt: skip
+    print("  target (issue 17): fwd+bwd <= 1.3x on every row, aim 1.15x")
 
 
 def _resident_kib(field: str) -> int:
@@ -249,10 +286,10 @@ def _unmap_large_blocks_on_free() -> None:
 def measure_memory(length: int, heads: int, head_dim: int) -> tuple[float, float]:
     """(plain, biased) peak extra MiB of one fwd+bwd; meant for a fresh process (see below)."""
     _unmap_large_blocks_on_free()
-    steps = make_steps(length, heads, head_dim)
-    steps["biased fwd+bwd"]()  # first call allocates lazily initialized state
+    steps = make_steps((1, heads, length, head_dim), ["sdpa"])
+    steps["sdpa fwd+bwd"]()  # first call allocates lazily initialized state
     plain = peak_extra_mib(steps["plain fwd+bwd"])
-    biased = peak_extra_mib(steps["biased fwd+bwd"])
+    biased = peak_extra_mib(steps["sdpa fwd+bwd"])
     return plain, biased
 
 
@@ -273,13 +310,32 @@ def report_memory(lengths: list[int], heads: int, head_dim: int, threads: int) -
     print("  targets: biased grows <= 2.1x per doubling, < 600 MiB at N=8192")
 
 
+def parse_row(text: str) -> tuple[int, int, int, int]:
+    try:
+        batch, heads, length, head_dim = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--rows: expected B,heads,N,head_dim such as 8,8,512,96; got {text!r}"
+        ) from None
+    return batch, heads, length, head_dim
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--rows", type=parse_row, nargs="+", default=ISSUE_ROWS,
+                        metavar="B,HEADS,N,HEAD_DIM",
+                        help="speed sweep (default: issue 17's table)")
+    parser.add_argument("--paths", nargs="+", default=["sdpa"], choices=["sdpa", "sorted", "dense"],
+                        help="biased kernels to time: sdpa (chosen per size, what the model runs) "
+                        "and the forced paths it chooses between")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                        help="memory sweep, B=1")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="1 by default: on a shared machine, threads waiting for each other "
+                        "at every barrier dominate small problems")
     parser.add_argument("--exact-length", type=int, default=384)
     parser.add_argument("--skip", nargs="*", default=[], choices=["exact", "speed", "memory"])
     parser.add_argument("--measure-memory", type=int, default=None, metavar="N",
@@ -293,7 +349,7 @@ def main() -> None:
     if "exact" not in args.skip:
         report_exactness(args.exact_length, 4, args.head_dim)
     if "speed" not in args.skip:
-        report_speed(args.lengths, args.heads, args.head_dim, args.repeats)
+        report_speed(args.rows, args.paths, args.repeats)
     if "memory" not in args.skip:
         report_memory(args.lengths, args.heads, args.head_dim, args.threads)
 
