@@ -28,6 +28,7 @@ def _dataset(corpus: Path, config) -> object:
         corpus, "train", variables=config.variables, target_variables=config.target_variables,
         lead_times_hours=config.lead_times_hours,
         normalization={"mean": config.variable_mean, "std": config.variable_std},
+        seed=0, shuffle=True, mix_shards=True, time_features=config.time_features,
     )  # fmt: skip
 
 
@@ -88,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     corpus = build_default_corpus(size=args.size)
     meta = CorpusMetadata.load(corpus)
     config = build_from_scratch_config(args.preset, meta, elevation_blocks=[0],
-                                       elevation_scale=1000.0, alpha_init=0.0)  # fmt: skip
+                                       elevation_scale=1000.0, alpha_init=0.0,
+                                       corpus=corpus)  # fmt: skip
     torch.set_num_threads(torch.get_num_threads())
     print(f"corpus {corpus} ({meta.height}x{meta.width}, {len(meta.split_shards('train'))} train "
           f"shards), {len(config.variables)} inputs, leads {config.lead_times_hours}, "

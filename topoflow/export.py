@@ -189,6 +189,7 @@ def score_model(
         lead_times_hours=config.lead_times_hours,
         normalization=normalization,
         shuffle=False,
+        time_features=config.time_features,
     )
     metrics = ForecastMetrics(
         target_variables=config.target_variables,
@@ -201,7 +202,8 @@ def score_model(
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_forecast_batch)
     with torch.no_grad():
         for batch in loader:
-            out = model(fields=batch["fields"], lead_time_hours=batch["lead_time_hours"])
+            out = model(fields=batch["fields"], lead_time_hours=batch["lead_time_hours"],
+                        time_features=batch.get("time_features"))
             metrics.add(
                 out.forecast,
                 batch["labels"],

@@ -126,7 +126,7 @@ def _load_models(model_dirs: Mapping[str, str | Path]) -> dict[str, Any]:
 def _check_same_data_contract(models: Mapping[str, Any]) -> Any:
     """All models must read and predict the same variables, leads and normalization."""
     keys = ("variables", "target_variables", "lead_times_hours", "variable_mean", "variable_std",
-            "img_size")
+            "img_size", "time_features")
     names = list(models)
     first = models[names[0]].config
     for name in names[1:]:
@@ -170,7 +170,8 @@ def evaluate_models(model_dirs: Mapping[str, str | Path], corpus: str | Path, *,
     normalization = {"mean": config.variable_mean, "std": config.variable_std}
     dataset = make_forecast_dataset(
         corpus, split, variables=config.variables, target_variables=config.target_variables,
-        lead_times_hours=config.lead_times_hours, normalization=normalization, shuffle=False)
+        lead_times_hours=config.lead_times_hours, normalization=normalization, shuffle=False,
+        time_features=config.time_features)
     metrics = {name: ForecastMetrics(
         target_variables=config.target_variables, lead_times_hours=config.lead_times_hours,
         normalization=normalization, grid_shape=(meta.height, meta.width),
