@@ -1,4 +1,4 @@
-"""Install TopoFlow: the two Hub files, the training script and the `topoflow` library."""
+"""Install TopoFlow: the Hub files, the training script and the `topoflow` library."""
 
 from pathlib import Path
 
@@ -43,7 +43,12 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["topoflow", "topoflow.*"]),
-    py_modules=["configuration_topoflow", "modeling_topoflow", "train_accelerate"],
+    py_modules=[
+        "attention_topoflow",
+        "configuration_topoflow",
+        "modeling_topoflow",
+        "train_accelerate",
+    ],
     package_data={"topoflow": ["pretrained/*/*", "pretrained/*/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

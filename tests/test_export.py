@@ -39,7 +39,7 @@ _LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith(repo)]
     sys.meta_path = [f for f in sys.meta_path if "__editable__" not in type(f).__module__
                      and "__editable__" not in getattr(f, "__module__", "")]
-    BLOCKED = {"topoflow", "modeling_topoflow", "configuration_topoflow"}
+    BLOCKED = {"topoflow", "modeling_topoflow", "configuration_topoflow", "attention_topoflow"}
     class BlockPackage:  # whatever installed the package, these top-level names stay unknown
         @staticmethod
         def find_spec(name, path=None, target=None):
@@ -47,7 +47,7 @@ _LOAD_WITHOUT_PACKAGE = textwrap.dedent(
                 raise ImportError(f"{name} is blocked in this test")
             return None
     sys.meta_path.insert(0, BlockPackage)
-    for name in ("topoflow", "modeling_topoflow", "configuration_topoflow"):
+    for name in ("topoflow", "modeling_topoflow", "configuration_topoflow", "attention_topoflow"):
         try:
             __import__(name)
         except ImportError:
@@ -87,6 +87,7 @@ def test_export_writes_a_complete_hub_folder(run_dir: Path, tmp_path: Path) -> N
     assert names == {
         "config.json",
         "model.safetensors",
+        "attention_topoflow.py",
         "configuration_topoflow.py",
         "modeling_topoflow.py",
         "README.md",
@@ -285,7 +286,19 @@ def test_export_scores_a_run_without_scores_on_its_corpus(
     assert {(v, h) for v, h, _ in scores} == {
         (v, h) for v in config.target_variables for h in config.lead_times_hours
     }
-    assert "scored at export" in (folder / "README.md").read_text()
+    # Skill against every reference, in every pollutant x lead cell.
+    assert {key for key in scores if key[2].startswith("skill")} == {
+        (v, h, f"skill_{ref}")
+        for v in config.target_variables
+        for h in config.lead_times_hours
+        for ref in ("persistence", "climatology", "damped_persistence")
+    }
+    readme = (folder / "README.md").read_text()
+    assert "scored at export" in readme
+    test_loss = written["metrics"]["test_loss"]
+    assert list(test_loss) == ["model", "persistence", "climatology", "damped_persistence"]
+    for name, row in test_loss.items():
+        assert f"| {name} | {row['all']:.4g} |" in readme
 
 
 def test_card_dataset_fields_follow_the_corpus_provenance() -> None:

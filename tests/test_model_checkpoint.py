@@ -204,6 +204,7 @@ def test_saved_folder_is_self_describing(tmp_path):
     assert not list(tmp_path.glob("*.bin"))
     assert (tmp_path / "modeling_topoflow.py").is_file()
     assert (tmp_path / "configuration_topoflow.py").is_file()
+    assert (tmp_path / "attention_topoflow.py").is_file()  # imported by modeling_topoflow.py
 
 
 def test_elevation_scale_override_cannot_silently_disagree_with_saved_h_scale(tmp_path):

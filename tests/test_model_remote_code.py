@@ -43,7 +43,7 @@ CHILD = textwrap.dedent(
         return "editable" not in name.lower()
 
     sys.meta_path[:] = [finder for finder in sys.meta_path if not_editable(finder)]
-    for name in ("topoflow", "modeling_topoflow", "configuration_topoflow"):
+    for name in ("topoflow", "modeling_topoflow", "configuration_topoflow", "attention_topoflow"):
         spec = importlib.util.find_spec(name)
         origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
         assert origin is None or repo not in origin.parents, f"{name} still imports from {repo}"

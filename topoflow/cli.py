@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert-climax": ("topoflow.convert_climax", "convert a ClimaX Lightning checkpoint"),
     "experiment": ("topoflow.experiment", "controlled experiment: does the elevation bias help?"),
     "export": ("topoflow.export", "turn a training run into a Hub model repo, and push it"),
+    "references": ("topoflow.score_references", "scores of the reference forecasts on a split"),
 }
 
 

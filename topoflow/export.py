@@ -3,11 +3,12 @@
     python -m topoflow.export RUN_DIR --out EXPORT_DIR --repo-id org/name [--private]
         [--revision BRANCH] [--create-pr] [--dry-run]
 
-The exported folder holds config.json, the safetensors weights, the two Hub files
-(configuration_topoflow.py, modeling_topoflow.py), a README.md model card rendered from the run's
-report.json and val_loss.csv, the val-loss plot, the run's report as training_report.json, and a
-SHA256SUMS manifest. Weights with NaN/Inf and pickle files are refused before anything is written.
-With --dry-run nothing leaves the machine; otherwise the folder is uploaded with huggingface_hub.
+The exported folder holds config.json, the safetensors weights, the Hub files
+(attention_topoflow.py, configuration_topoflow.py, modeling_topoflow.py), a README.md model card
+rendered from the run's report.json and val_loss.csv, the val-loss plot, the run's report as
+training_report.json, and a SHA256SUMS manifest. Weights with NaN/Inf and pickle files are refused
+before anything is written. With --dry-run nothing leaves the machine; otherwise the folder is
+uploaded with huggingface_hub.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ __all__ = [
     "main",
 ]
 
-HUB_FILES = ("configuration_topoflow.py", "modeling_topoflow.py")
+# modeling_topoflow.py imports attention_topoflow.py relatively: remote code needs all three.
+HUB_FILES = ("attention_topoflow.py", "configuration_topoflow.py", "modeling_topoflow.py")
 RUN_INFO = "run_info.json"
 # train_accelerate.py arguments that make up the recipe shown on the card.
 RECIPE_KEYS = (
@@ -167,52 +169,38 @@ def score_model(
     split: str = "validation",
     *,
     batch_size: int = 8,
+    fit_split: str = "train",
 ) -> dict[str, Any]:
-    """ForecastMetrics.compute() of the saved model on a corpus split (persistence included), for
-    runs whose report.json carries no per-pollutant scores. Every sample of the split is scored
-    once, in stream order, in a single process."""
-    import torch
-    from torch.utils.data import DataLoader
-
+    """ForecastMetrics.compute() of the saved model on a corpus split, for runs whose report.json
+    carries no per-pollutant scores: skill against persistence, and against climatology and
+    damped persistence fitted on `fit_split`, plus a `test_loss` table of the model and the three
+    references on the same samples. Every sample of the split is scored once, in stream order,
+    in a single process."""
     from modeling_topoflow import TopoFlowForForecasting
-    from topoflow.data import collate_forecast_batch, make_forecast_dataset
-    from topoflow.metrics import ForecastMetrics
+    from topoflow.experiment.evaluate import evaluate_forecasters, test_loss_row
+    from topoflow.references import References
 
     model = TopoFlowForForecasting.from_pretrained(model_dir).eval()
     config = model.config
-    normalization = {"mean": config.variable_mean, "std": config.variable_std}
-    dataset = make_forecast_dataset(
+    refs = References.fit(corpus, config.target_variables, config.lead_times_hours, split=fit_split)
+    results = evaluate_forecasters(
+        {"model": model},
         corpus,
-        split,
-        variables=config.variables,
-        target_variables=config.target_variables,
-        lead_times_hours=config.lead_times_hours,
-        normalization=normalization,
-        shuffle=False,
-        time_features=config.time_features,
+        config=config,
+        split=split,
+        batch_size=batch_size,
+        climatology=refs.climatology,
+        damped_persistence=refs.damped_persistence,
+        score_references=True,
     )
-    metrics = ForecastMetrics(
-        target_variables=config.target_variables,
-        lead_times_hours=config.lead_times_hours,
-        normalization=normalization,
-        grid_shape=tuple(config.img_size),
-        input_variables=config.variables,
-        units=config.variable_units,
-    )
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_forecast_batch)
-    with torch.no_grad():
-        for batch in loader:
-            out = model(fields=batch["fields"], lead_time_hours=batch["lead_time_hours"],
-                        time_features=batch.get("time_features"))
-            metrics.add(
-                out.forecast,
-                batch["labels"],
-                batch["region_mask"],
-                batch["sample_ids"],
-                fields=batch["fields"],
-            )
+    metrics = {k: v for k, v in results["model"].metrics.items() if k != "evaluated"}
+    metrics["units"] = {v: (config.variable_units or {}).get(v) for v in config.target_variables}
+    metrics["test_loss"] = {
+        name: test_loss_row(result.per_sample, config.lead_times_hours)
+        for name, result in results.items()
+    }
     # Through JSON so the card and training_report.json hold the very same Python floats.
-    return json.loads(json.dumps(metrics.compute()))
+    return json.loads(json.dumps(metrics))
 
 
 def _dataset_fields(

@@ -1,6 +1,7 @@
 """Forecast scores on a split: RMSE, MAE and bias per target variable x lead time in physical units,
-persistence and climatology reference forecasts with skill scores, per-sample losses for paired
-comparisons, and per-cell squared-error sums for gain maps.
+skill against the persistence, climatology and damped anomaly persistence reference forecasts
+(topoflow/references.py fits the last one), per-sample losses for paired comparisons, and per-cell
+squared-error sums for gain maps.
 
 Everything is a running sum, so evaluation streams: call `ForecastMetrics.add` once per batch, then
 `compute()`. Under distributed evaluation each rank accumulates its own samples; `state()` returns
@@ -21,13 +22,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+if TYPE_CHECKING:
+    from topoflow.references import DampedPersistence
+
 __all__ = [
+    "REFERENCE_NAMES",
     "Climatology",
     "ForecastMetrics",
     "PerSampleErrors",
@@ -35,17 +40,19 @@ __all__ = [
     "valid_hour_bins",
 ]
 
+# The reference forecasts every model is scored against, in the order reports list them.
+REFERENCE_NAMES = ("persistence", "climatology", "damped_persistence")
+
 _SUM_KEYS = (
     "sq_err",
     "abs_err",
     "signed_err",
     "count",
-    "sq_err_persistence",
-    "count_persistence",
-    "sq_err_model_on_persistence",
-    "sq_err_climatology",
-    "count_climatology",
-    "sq_err_model_on_climatology",
+    *(
+        f"{kind}_{name}"
+        for name in REFERENCE_NAMES
+        for kind in ("sq_err", "count", "sq_err_model_on")
+    ),
 )
 
 
@@ -273,6 +280,17 @@ class PerSampleErrors:
         """(N, V) normalized MSE per variable; NaN where a variable had no valid cell."""
         return torch.where(self.count > 0, self.sq_err_sum / self.count, torch.nan)
 
+    def test_loss(self, lead_hours: int | None = None) -> float:
+        """Mean of the per-sample losses, samples without a valid cell left out: the "test loss"
+        of `topoflow experiment`. With `lead_hours`, over the samples of that lead time only;
+        NaN when no sample counts."""
+        loss = self.loss
+        if lead_hours is not None:
+            _, leads = decode_sample_ids(self.sample_ids)
+            loss = loss[torch.from_numpy(leads == int(lead_hours))]
+        loss = loss[torch.isfinite(loss)]
+        return float(loss.mean()) if loss.numel() else float("nan")
+
 
 class ForecastMetrics:
     """Streaming accumulator of forecast scores; see the module docstring for the conventions.
@@ -281,6 +299,8 @@ class ForecastMetrics:
     `units` its `units` table, copied into the results. `input_variables` (the order of the
     `fields` channels) enables persistence: the forecast "value at init time" is the target's own
     input channel, un-normalized, where missing inputs were filled with the mean by the loader.
+    `damped_persistence` (which carries its climatology, used as `climatology` when that is not
+    given) needs the same input channel for its anomaly at init time.
     """
 
     def __init__(
@@ -293,6 +313,7 @@ class ForecastMetrics:
         input_variables: Sequence[str] | None = None,
         climatology: Climatology | None = None,
         units: Mapping[str, str] | None = None,
+        damped_persistence: DampedPersistence | None = None,
     ) -> None:
         self.target_variables = list(target_variables)
         self.lead_times_hours = [int(h) for h in lead_times_hours]
@@ -300,12 +321,20 @@ class ForecastMetrics:
         self.mean, self.std = _normalization_vectors(normalization, self.target_variables)
         self.units = dict(units or {})
         self.persistence_channels = self._persistence_channels(input_variables)
-        if climatology is not None and climatology.target_variables != self.target_variables:
-            raise ValueError(
-                f"climatology variables {climatology.target_variables} differ from "
-                f"target_variables {self.target_variables}"
-            )
+        if climatology is None and damped_persistence is not None:
+            climatology = damped_persistence.climatology
+        for name, ref in (("climatology", climatology), ("damped_persistence", damped_persistence)):
+            if ref is not None and ref.target_variables != self.target_variables:
+                raise ValueError(
+                    f"{name} variables {ref.target_variables} differ from "
+                    f"target_variables {self.target_variables}"
+                )
+        if damped_persistence is not None:
+            unfitted = sorted(set(self.lead_times_hours) - set(damped_persistence.lead_times_hours))
+            if unfitted:
+                raise ValueError(f"damped_persistence has no factor for lead times {unfitted} h")
         self.climatology = climatology
+        self.damped_persistence = damped_persistence
         self.reset()
 
     def _persistence_channels(self, input_variables: Sequence[str] | None) -> list[int] | None:
@@ -389,16 +418,33 @@ class ForecastMetrics:
         self._add_lead_sums("count", lead_index, count)
         self.sums["cell_sq_err"] += err.pow(2).sum(0)
         self.sums["cell_count"] += valid.sum(0).double()
+        physical_labels = labels * std + self.mean[None, :, None, None]
+        for name, reference in self.reference_forecasts(sample_ids, fields).items():
+            # A cell where the reference is undefined counts for neither side of the skill.
+            ref_valid = valid & torch.isfinite(reference)
+            ref_err = torch.where(ref_valid, reference - physical_labels, zero)
+            self._add_reference(name, lead_index, ref_err, err, ref_valid)
+
+    def reference_forecasts(
+        self, sample_ids: torch.Tensor, fields: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Each reference forecast this accumulator can make, `{name: (B, V, H, W)}` float64 in
+        physical units (NaN where undefined); persistence and damped persistence need `fields`."""
+        refs: dict[str, torch.Tensor] = {}
+        state = None
         if fields is not None and self.persistence_channels is not None:
-            persistence = fields.detach().double().cpu()[:, self.persistence_channels]
-            ref_err = torch.where(valid, persistence - labels, zero) * std
-            self._add_reference("persistence", lead_index, ref_err, err, valid)
+            normalized = fields.detach().double().cpu()[:, self.persistence_channels]
+            state = normalized * self.std[None, :, None, None] + self.mean[None, :, None, None]
+            refs["persistence"] = state
         if self.climatology is not None:
-            physical_labels = labels * std + self.mean[None, :, None, None]
-            clim = self.climatology.forecast(sample_ids)
-            clim_valid = valid & torch.isfinite(clim)
-            ref_err = torch.where(clim_valid, clim - physical_labels, zero)
-            self._add_reference("climatology", lead_index, ref_err, err, clim_valid)
+            refs["climatology"] = self.climatology.forecast(sample_ids)
+        if self.damped_persistence is not None and state is not None:
+            refs["damped_persistence"] = self.damped_persistence.forecast(state, sample_ids)
+        return refs
+
+    def normalize(self, physical: torch.Tensor) -> torch.Tensor:
+        """Physical-unit target fields `(B, V, H, W)` in the normalized space of `add`."""
+        return (physical - self.mean[None, :, None, None]) / self.std[None, :, None, None]
 
     def _add_reference(
         self,
@@ -468,9 +514,8 @@ class ForecastMetrics:
         """JSON-ready scores `{units, lead_times_hours, variables: {var: {lead | "all": {..}}}}`.
 
         Each entry has rmse, mae, bias (forecast - truth) in physical units, n (valid cells), and
-        when the references ran: rmse_persistence, skill_persistence, rmse_climatology,
-        skill_climatology, with skill = 1 - MSE_model / MSE_reference on the cells where the
-        reference exists.
+        for each of REFERENCE_NAMES: rmse_<name> and skill_<name> (None when the reference did not
+        run), with skill = 1 - MSE_model / MSE_reference on the cells where the reference exists.
         """
         s = self.sums
         out: dict = {
@@ -502,7 +547,7 @@ def _scores(sums: Mapping[str, torch.Tensor]) -> dict[str, float | int | None]:
         "mae": _ratio(sums["abs_err"], sums["count"]),
         "bias": _ratio(sums["signed_err"], sums["count"]),
     }
-    for ref in ("persistence", "climatology"):
+    for ref in REFERENCE_NAMES:
         ref_mse = _ratio(sums[f"sq_err_{ref}"], sums[f"count_{ref}"])
         model_mse = _ratio(sums[f"sq_err_model_on_{ref}"], sums[f"count_{ref}"])
         row[f"rmse_{ref}"] = None if ref_mse is None else ref_mse**0.5

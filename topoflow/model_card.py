@@ -35,7 +35,14 @@ __all__ = [
 TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "hub_cards" / "model_card.md"
 # Scores of ForecastMetrics.compute() published per pollutant x lead; `n` and the reference RMSEs
 # stay in report.json (they describe the evaluation, not the model).
-CARD_METRICS = ("rmse", "mae", "bias", "skill_persistence", "skill_climatology")
+CARD_METRICS = (
+    "rmse",
+    "mae",
+    "bias",
+    "skill_persistence",
+    "skill_climatology",
+    "skill_damped_persistence",
+)
 TASK_TYPE = "time-series-forecasting"
 _METRICS_KEYS = ("test_metrics", "metrics", "val_metrics", "validation_metrics", "final_metrics")
 _SPLIT_PREFERENCE = ("test", "validation", "val")
@@ -171,6 +178,19 @@ def _score_rows(block: Mapping[str, Any]) -> list[dict[str, str]]:
             rows.append({"variable": variable, "lead": lead, "unit": _fmt(units.get(variable))})
             rows[-1].update(cells)
     return rows
+
+
+def _test_loss_rows(block: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows `{name, cells: [all, each lead]}` of the block's `test_loss` table (the model and the
+    reference forecasts on the same samples), when the evaluation wrote one."""
+    table = block.get("test_loss") or {}
+    return [{"name": name, "cells": [_fmt(v) for v in row.values()]} for name, row in table.items()]
+
+
+def _test_loss_columns(block: Mapping[str, Any]) -> list[str]:
+    table = block.get("test_loss") or {}
+    first = next(iter(table.values()), {})
+    return [key if key == "all" else f"{key} h" for key in first]
 
 
 def _eval_results(
@@ -369,6 +389,8 @@ def render_model_card(
         metrics_source=report.get("metrics_source"),
         short_name=short_name,
         score_rows=_score_rows(block) if block is not None else [],
+        test_loss_rows=_test_loss_rows(block) if block is not None else [],
+        test_loss_columns=_test_loss_columns(block) if block is not None else [],
     )
 
 

@@ -1,8 +1,10 @@
-"""Score one or more model folders on a corpus split, streaming the split once for all of them.
+"""Score one or more models on a corpus split, streaming the split once for all of them.
 
-For every model: `ForecastMetrics` with persistence and climatology references (RMSE, MAE, bias
-per target x lead in physical units, skill scores), the per-sample errors for paired comparisons,
-and the per-cell error sums for gain maps. Each model's results go to its own folder:
+For every model: `ForecastMetrics` with the persistence, climatology and damped persistence
+references (RMSE, MAE, bias per target x lead in physical units, skill scores), the per-sample
+errors for paired comparisons, and the per-cell error sums for gain maps. With
+`score_references=True` the reference forecasts are scored exactly like a model, on the same
+samples, under their own names (`REFERENCE_NAMES`). Each result can go to its own folder:
 
     <dest>/metrics.json              ForecastMetrics.compute() + what was evaluated
     <dest>/metrics_state.safetensors the running sums (ForecastMetrics.state())
@@ -17,16 +19,16 @@ set depends only on the sample ids, so it is the same for every model and every 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
-from topoflow.metrics import Climatology, ForecastMetrics, PerSampleErrors
+from topoflow.metrics import REFERENCE_NAMES, Climatology, ForecastMetrics, PerSampleErrors
+from topoflow.references import DampedPersistence, build_climatology
 
 __all__ = [
     "METRICS_JSON",
@@ -34,45 +36,15 @@ __all__ = [
     "PER_SAMPLE",
     "EvaluationResult",
     "build_climatology",
+    "evaluate_forecasters",
     "evaluate_models",
     "load_evaluation",
+    "test_loss_row",
 ]
 
 METRICS_JSON = "metrics.json"
 METRICS_STATE = "metrics_state.safetensors"
 PER_SAMPLE = "per_sample.safetensors"
-
-
-def build_climatology(corpus: str | Path, target_variables: list[str], *,
-                      split: str = "train") -> Climatology:
-    """Training-split climatology read straight from the local Parquet shards.
-
-    Each time stamp counts once (halo rows are skipped: they belong to the next shard), which is
-    what "the mean for that month and hour of day" means; going through the forecast samples
-    would count every row once per lead time.
-    """
-    from topoflow.corpus import CorpusMetadata
-
-    corpus = Path(corpus)
-    meta = CorpusMetadata.load(corpus)
-    missing = [v for v in target_variables if v not in meta.variables]
-    if missing:
-        raise ValueError(f"corpus {corpus}: no dynamic variables {missing} for the climatology")
-    clim = Climatology(target_variables, (meta.height, meta.width))
-    for shard in meta.split_shards(split):
-        path = corpus / shard.file
-        if not path.is_file():
-            raise FileNotFoundError(f"climatology: shard {path} is missing")
-        # Only the needed columns (the shard validator wants all of them, so read them directly).
-        table = pq.read_table(path, columns=["time_hour", "is_halo", *target_variables])
-        own = ~table.column("is_halo").to_numpy(zero_copy_only=False).astype(bool)
-        time_hour = table.column("time_hour").to_numpy().astype(np.int64)
-        values = np.stack([
-            table.column(v).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            .reshape(table.num_rows, meta.height, meta.width)[own]
-            for v in target_variables], axis=1)  # (T, V, H, W)
-        clim.add_physical(torch.from_numpy(values), time_hour[own])
-    return clim
 
 
 class EvaluationResult:
@@ -109,6 +81,17 @@ def load_evaluation(folder: str | Path) -> EvaluationResult:
     per_sample = PerSampleErrors(rows["sample_ids"], rows["sq_err_sum"], rows["count"])
     return EvaluationResult(json.loads((folder / METRICS_JSON).read_text()),
                             load_file(str(folder / METRICS_STATE)), per_sample, folder)
+
+
+def test_loss_row(per_sample: Sequence[PerSampleErrors] | PerSampleErrors,
+                  lead_times_hours: Sequence[int]) -> dict[str, float]:
+    """{"all": test loss, "<lead>": test loss at that lead, ...} of one forecaster; given several
+    runs (seeds), each value is the mean over them (the experiment's per-seed test loss)."""
+    runs = [per_sample] if isinstance(per_sample, PerSampleErrors) else list(per_sample)
+    keys: list[int | None] = [None, *lead_times_hours]
+    return {("all" if lead is None else str(lead)): float(np.mean([r.test_loss(lead)
+                                                                   for r in runs]))
+            for lead in keys}
 
 
 def _load_models(model_dirs: Mapping[str, str | Path]) -> dict[str, Any]:
@@ -149,12 +132,45 @@ def _keep_init_stride(batch: dict[str, torch.Tensor], stride: int, step_hours: i
     return {k: v[keep] for k, v in batch.items()}
 
 
-@torch.no_grad()
 def evaluate_models(model_dirs: Mapping[str, str | Path], corpus: str | Path, *,
                     split: str = "test", batch_size: int = 32, init_stride: int = 1,
-                    climatology: Climatology | None = None, max_batches: int = 0
-                    ) -> dict[str, EvaluationResult]:
+                    climatology: Climatology | None = None, max_batches: int = 0,
+                    damped_persistence: DampedPersistence | None = None,
+                    score_references: bool = False) -> dict[str, EvaluationResult]:
     """Score every model of `model_dirs` ({name: folder}) on the same samples of `split`."""
+    models = _load_models(model_dirs)
+    if not models:
+        raise ValueError("evaluate_models: no model given")
+    config = _check_same_data_contract(models)
+    results = evaluate_forecasters(
+        models, corpus, config=config, split=split, batch_size=batch_size,
+        init_stride=init_stride, climatology=climatology, damped_persistence=damped_persistence,
+        max_batches=max_batches, score_references=score_references)
+    for name, folder in model_dirs.items():
+        results[name].metrics["evaluated"]["model"] = str(folder)
+    return results
+
+
+def _reference_batch(metric: ForecastMetrics, forecast: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reference forecast (physical units) as a model's (normalized) output; its undefined
+    cells are taken out of the labels, so they count for no score of it."""
+    defined = torch.isfinite(forecast)
+    labels = torch.where(defined, labels.double(), torch.nan)
+    return metric.normalize(torch.nan_to_num(forecast)), labels
+
+
+@torch.no_grad()
+def evaluate_forecasters(models: Mapping[str, Any], corpus: str | Path, *, config: Any,
+                         split: str = "test", batch_size: int = 32, init_stride: int = 1,
+                         climatology: Climatology | None = None,
+                         damped_persistence: DampedPersistence | None = None,
+                         score_references: bool = False, max_batches: int = 0
+                         ) -> dict[str, EvaluationResult]:
+    """Score loaded models ({name: model}) and, with `score_references`, the reference forecasts
+    on the same samples of `split`; `config` (a TopoFlowConfig) fixes variables, leads and
+    normalization. References are keyed by their REFERENCE_NAMES; climatology and damped
+    persistence are scored only when given."""
     from torch.utils.data import DataLoader
 
     from topoflow.corpus import CorpusMetadata
@@ -162,21 +178,28 @@ def evaluate_models(model_dirs: Mapping[str, str | Path], corpus: str | Path, *,
 
     if init_stride < 1:
         raise ValueError(f"init_stride must be >= 1, got {init_stride}")
-    models = _load_models(model_dirs)
-    if not models:
-        raise ValueError("evaluate_models: no model given")
-    config = _check_same_data_contract(models)
+    clashing = sorted(set(models) & set(REFERENCE_NAMES)) if score_references else []
+    if clashing:
+        raise ValueError(f"model names {clashing} are the names of reference forecasts")
+    if not models and not score_references:
+        raise ValueError("evaluate_forecasters: no model given and score_references is off")
     meta = CorpusMetadata.load(corpus)
     normalization = {"mean": config.variable_mean, "std": config.variable_std}
     dataset = make_forecast_dataset(
         corpus, split, variables=config.variables, target_variables=config.target_variables,
         lead_times_hours=config.lead_times_hours, normalization=normalization, shuffle=False,
         time_features=config.time_features)
-    metrics = {name: ForecastMetrics(
-        target_variables=config.target_variables, lead_times_hours=config.lead_times_hours,
-        normalization=normalization, grid_shape=(meta.height, meta.width),
-        input_variables=config.variables, climatology=climatology, units=meta.units)
-        for name in models}
+
+    def new_metrics() -> ForecastMetrics:
+        return ForecastMetrics(
+            target_variables=config.target_variables, lead_times_hours=config.lead_times_hours,
+            normalization=normalization, grid_shape=(meta.height, meta.width),
+            input_variables=config.variables, climatology=climatology, units=meta.units,
+            damped_persistence=damped_persistence)
+
+    metrics = {name: new_metrics() for name in models}
+    references: dict[str, ForecastMetrics] = {}
+    reference_maker = new_metrics()  # only its reference_forecasts, never its sums
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_forecast_batch)
     for index, batch in enumerate(loader):
         if max_batches and index >= max_batches:
@@ -188,14 +211,24 @@ def evaluate_models(model_dirs: Mapping[str, str | Path], corpus: str | Path, *,
             out = model(**batch)
             metrics[name].add(out.forecast, batch["labels"], batch["region_mask"],
                               batch["sample_ids"], fields=batch["fields"])
+        if not score_references:
+            continue
+        forecasts = reference_maker.reference_forecasts(batch["sample_ids"], batch["fields"])
+        for name, forecast in forecasts.items():
+            metric = references.setdefault(name, new_metrics())
+            ref_forecast, labels = _reference_batch(metric, forecast, batch["labels"])
+            metric.add(ref_forecast, labels, batch["region_mask"], batch["sample_ids"],
+                       fields=batch["fields"])
     info = {"corpus": str(corpus), "split": split, "init_stride": init_stride,
-            "max_batches": max_batches, "climatology": climatology is not None}
+            "max_batches": max_batches, "climatology": climatology is not None,
+            "damped_persistence": damped_persistence is not None}
     results = {}
-    for name, metric in metrics.items():
+    for name, metric in {**metrics, **references}.items():
         rows = metric.per_sample()
         if rows.sample_ids.numel() == 0:
             raise ValueError(f"split {split!r} of {corpus} gave no sample to evaluate")
-        scores = {**metric.compute(), "evaluated": {**info, "model": str(model_dirs[name]),
+        what = f"reference: {name}" if name in references else name
+        scores = {**metric.compute(), "evaluated": {**info, "model": what,
                                                     "n_samples": int(rows.sample_ids.numel())}}
         results[name] = EvaluationResult(scores, metric.state(), rows)
     return results
