@@ -155,7 +155,7 @@ def resolve_corpus(args: Any, accelerator: Accelerator) -> Path:
         return build_default_corpus(size=args.corpus_size)
 
 
-def load_model(args: Any, meta: Any, accelerator: Accelerator, corpus: Path
+def load_model(args: Any, meta: Any, accelerator: Accelerator, corpus: Path | None = None
                ) -> tuple[Any, LoadingReport, list]:
     """The model to train, the loading report, and the keys that did not come from a checkpoint."""
     import topoflow  # noqa: F401  (registers the topoflow-base name resolver)
