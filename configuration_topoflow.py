@@ -21,6 +21,8 @@ __all__ = [
     "DEFAULT_TARGET_VARIABLES",
     "DEFAULT_VARIABLES",
     "ELEVATION_BIAS_DIRECTIONS",
+    "FORECAST_TARGETS",
+    "TIME_FEATURES",
     "TopoFlowConfig",
 ]
 
@@ -35,6 +37,13 @@ DEFAULT_LEAD_TIMES_HOURS: tuple[int, ...] = (12, 24, 48, 96)
 DEFAULT_LEAD_TIME_SCALE_HOURS = 100.0
 # The transport an elevation bias penalizes (see `elevation_bias_direction` below).
 ELEVATION_BIAS_DIRECTIONS: tuple[str, ...] = ("downslope", "upslope")
+# What the prediction head outputs (see `forecast_target` below).
+FORECAST_TARGETS: tuple[str, ...] = ("field", "increment")
+# Calendar inputs the data pipeline can derive from a sample's time stamp; each is a phase in
+# [0, 1) fed to the model as (sin, cos) of 2 pi x phase (see `time_features` below).
+TIME_FEATURES: tuple[str, ...] = (
+    "init_time_of_day", "init_time_of_year", "valid_time_of_day", "valid_time_of_year",
+)  # fmt: skip
 
 
 class TopoFlowConfig(PretrainedConfig):
@@ -123,6 +132,26 @@ class TopoFlowConfig(PretrainedConfig):
         corpus (`Mapping[str, Any]`, *optional*):
             Name and provenance of the training corpus (generator or converter, parameters,
             version).
+        forecast_target (`str`, defaults to `"field"`):
+            What the prediction head outputs. `"field"`: the normalized targets themselves
+            (ClimaX; converted ClimaX checkpoints need it). `"increment"`: the change over the
+            input state, forecast = input channel of each target + head output x
+            `increment_scale[target][lead]`, so a head output of 0 is persistence. Needs every
+            target variable among `variables`.
+        increment_scale (`Mapping[str, Mapping[str, float]]`, *optional*):
+            With `forecast_target="increment"`: per target variable and lead time (hours, as a
+            string key, as JSON stores it), the root-mean-square of the normalized increment
+            (target at t + lead minus input at t) over the valid cells of the training split, so
+            the head outputs increments of unit scale at every lead. None = 1 everywhere. Must
+            cover every target and every lead in `lead_times_hours`; `forward` refuses a lead
+            it has no scale for.
+        time_features (`Sequence[str]`, defaults to `()`):
+            Calendar inputs, a subset of `TIME_FEATURES`, in the order of the batch's
+            `time_features` tensor `(B, 2 * len(time_features))`: the time of day and of year of
+            the initialization (`init_...`) and of the valid time t + lead (`valid_...`), each as
+            (sin, cos) of its phase. The data pipeline derives them from each sample's time
+            stamp (`make_forecast_dataset(time_features=config.time_features)`); a linear layer
+            adds them to every token, like the lead time. Empty = no calendar input (ClimaX).
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the truncated normal used for Linear and patch-embedding weights.
     """
@@ -166,6 +195,9 @@ class TopoFlowConfig(PretrainedConfig):
         grid: Mapping[str, float] | None = None,
         region_mask_description: str | None = None,
         corpus: Mapping[str, Any] | None = None,
+        forecast_target: str = "field",
+        increment_scale: Mapping[str, Mapping[str, float]] | None = None,
+        time_features: Sequence[str] = (),
         initializer_range: float = 0.02,
         **kwargs: Any,
     ) -> None:
@@ -206,6 +238,12 @@ class TopoFlowConfig(PretrainedConfig):
         self.grid = None if grid is None else dict(grid)
         self.region_mask_description = region_mask_description
         self.corpus = None if corpus is None else dict(corpus)
+        self.forecast_target = forecast_target
+        self.increment_scale = None if increment_scale is None else {
+            str(name): {str(lead): float(value) for lead, value in per_lead.items()}
+            for name, per_lead in increment_scale.items()
+        }  # fmt: skip
+        self.time_features = list(time_features)
         self.initializer_range = initializer_range
         _refuse_misspelled_fields(kwargs)
         super().__init__(**kwargs)
@@ -229,6 +267,11 @@ class TopoFlowConfig(PretrainedConfig):
             return None
         return self.variables.index(self.elevation_variable)
 
+    @property
+    def target_input_channels(self) -> list[int]:
+        """Input channel of each target variable (the state an increment is added to)."""
+        return [self.variables.index(name) for name in self.target_variables]
+
     def validate(self) -> None:
         # transformers runs `validate()` before saving; ours adds the TopoFlow checks so a config
         # edited after construction (e.g. `from_pretrained(..., elevation_bias_blocks=[9])`, which
@@ -243,6 +286,8 @@ class TopoFlowConfig(PretrainedConfig):
         self._check_geometry()
         self._check_elevation()
         self._check_statistics()
+        self._check_forecast_target()
+        self._check_time_features()
 
     def _check_types(self) -> None:
         # A size from a hand-edited config.json as "4" would otherwise fail deep inside torch with
@@ -376,6 +421,55 @@ class TopoFlowConfig(PretrainedConfig):
             raise ValueError(
                 f"TopoFlowConfig.variable_std must be > 0, got <= 0 for {not_positive}."
             )
+
+
+    def _check_forecast_target(self) -> None:
+        if self.forecast_target not in FORECAST_TARGETS:
+            raise ValueError(
+                f"TopoFlowConfig.forecast_target must be one of {list(FORECAST_TARGETS)}, got "
+                f"{self.forecast_target!r}."
+            )
+        if self.forecast_target == "field":
+            if self.increment_scale is not None:
+                raise ValueError(
+                    "TopoFlowConfig.increment_scale is set but forecast_target='field'; it only "
+                    "applies to forecast_target='increment'."
+                )
+            return
+        not_inputs = [name for name in self.target_variables if name not in self.variables]
+        if not_inputs:
+            raise ValueError(
+                f"TopoFlowConfig.forecast_target='increment' adds the head's output to the input "
+                f"state, but target variables {not_inputs} are not among variables."
+            )
+        if self.increment_scale is None:
+            return
+        leads = [str(int(lead)) for lead in self.lead_times_hours]
+        for name in self.target_variables:
+            per_lead = self.increment_scale.get(name)
+            if per_lead is None:
+                raise ValueError(f"TopoFlowConfig.increment_scale has no entry for {name!r}.")
+            missing = [lead for lead in leads if lead not in per_lead]
+            if missing:
+                raise ValueError(
+                    f"TopoFlowConfig.increment_scale[{name!r}] has no scale for lead(s) {missing} "
+                    f"h of lead_times_hours."
+                )
+            bad = {lead: v for lead, v in per_lead.items() if not (math.isfinite(v) and v > 0)}
+            if bad:
+                raise ValueError(
+                    f"TopoFlowConfig.increment_scale[{name!r}] must be finite and > 0, got {bad}."
+                )
+
+    def _check_time_features(self) -> None:
+        unknown = [name for name in self.time_features if name not in TIME_FEATURES]
+        if unknown:
+            raise ValueError(
+                f"TopoFlowConfig.time_features {unknown} unknown; expected names from "
+                f"{list(TIME_FEATURES)}."
+            )
+        if len(set(self.time_features)) != len(self.time_features):
+            raise ValueError(f"TopoFlowConfig.time_features has duplicates: {self.time_features}.")
 
 
 _INT_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_depth")

@@ -236,9 +236,19 @@ class TopoFlowEmbeddings(nn.Module):
         self.var_agg = TopoFlowVariableAggregation(config)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, dim))
         self.lead_time_embed = nn.Linear(1, dim)
+        # Calendar inputs (config.time_features), added to every token like the lead time; only
+        # built when declared, so configs without them keep ClimaX's exact set of weights.
+        self.time_embed = (
+            nn.Linear(2 * len(config.time_features), dim) if config.time_features else None
+        )
         self.dropout = nn.Dropout(config.drop_rate)
 
-    def forward(self, fields: torch.Tensor, lead_time_hours: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        fields: torch.Tensor,
+        lead_time_hours: torch.Tensor,
+        time_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         batch, num_variables = fields.shape[:2]
         tokens = self.token_embed(fields)  # (B, V * D, h, w)
         tokens = tokens.reshape(batch, num_variables, -1, self.config.num_patches)
@@ -251,6 +261,8 @@ class TopoFlowEmbeddings(nn.Module):
         scale = self.config.lead_time_scale_hours
         lead = (lead_time_hours.to(tokens.dtype) / scale)[:, None]  # (B, 1)
         tokens = tokens + self.lead_time_embed(lead)[:, None]  # (B, 1, D) broadcast over N
+        if self.time_embed is not None:
+            tokens = tokens + self.time_embed(time_features.to(tokens.dtype))[:, None]
         return self.dropout(tokens)
 
     def _aggregate_variables(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -810,6 +822,7 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
         return_dict: bool | None = None,
         variables: Sequence[str] | None = None,
         output_attentions: bool | None = None,
+        time_features: torch.Tensor | None = None,
     ) -> TopoFlowModelOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
@@ -822,6 +835,8 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
             variables: optional names of the `fields` channels, checked against `config.variables`.
             output_attentions: return each block's (B, heads, N, N) attention probabilities (the
                 elevation bias included); computed with eager attention, so for moderate N.
+            time_features: `(B, 2 * len(config.time_features))` (sin, cos) of each calendar phase
+                the config declares, in its order; required exactly when it declares some.
         """
         output_attentions = (
             self.config.output_attentions if output_attentions is None else output_attentions
@@ -833,13 +848,14 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         lead_time_hours = self._check_inputs(fields, lead_time_hours, variables)
+        self._check_time_features(fields, time_features)
         elevation_m = self._patch_elevation(fields, elevation)
         if self.config.elevation_input_masked:
             # 0 is the channel's training mean: the embedding sees a flat world.
             fields = fields.index_fill(1, torch.tensor([self.config.elevation_channel],
                                                        device=fields.device), 0.0)
 
-        hidden = self.embeddings(fields, lead_time_hours)  # (B, N, D)
+        hidden = self.embeddings(fields, lead_time_hours, time_features)  # (B, N, D)
         all_hidden = [hidden] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         for block in self.blocks:
@@ -903,6 +919,32 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
                 f"lead_time_hours: expected finite values > 0 hours, received {lead.tolist()}."
             )
         return lead
+
+    def _check_time_features(
+        self, fields: torch.Tensor, time_features: torch.Tensor | None
+    ) -> None:
+        declared = list(self.config.time_features)
+        if not declared:
+            if time_features is not None:
+                raise ValueError(
+                    "time_features: given, but config.time_features is empty (this model was not "
+                    "built with calendar inputs); leave them out of the batch."
+                )
+            return
+        expected = (fields.shape[0], 2 * len(declared))
+        if time_features is None:
+            raise ValueError(
+                f"time_features: required, config.time_features={declared} declares "
+                f"{expected[1]} inputs (sin, cos per feature); build the data with "
+                f"make_forecast_dataset(..., time_features=config.time_features)."
+            )
+        if tuple(time_features.shape) != expected:
+            raise ValueError(
+                f"time_features: expected shape {expected} = (batch, 2 * len(config."
+                f"time_features)) for {declared}, received {tuple(time_features.shape)}."
+            )
+        if not torch.isfinite(time_features).all():
+            raise ValueError("time_features: expected finite values, received NaN/inf.")
 
     def _patch_elevation(
         self, fields: torch.Tensor, elevation: torch.Tensor | None
@@ -993,10 +1035,11 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
         return_dict: bool | None = None,
         variables: Sequence[str] | None = None,
         output_attentions: bool | None = None,
+        time_features: torch.Tensor | None = None,
     ) -> TopoFlowForecastOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
-            fields, lead_time_hours, elevation, variables, output_attentions: see
+            fields, lead_time_hours, elevation, variables, output_attentions, time_features: see
                 `TopoFlowModel.forward`.
             labels: `(B, V_out, H, W)` normalized targets in the order of `config.target_variables`,
                 NaN where missing.
@@ -1007,8 +1050,11 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
         encoded = self.topoflow(
             fields, lead_time_hours, elevation=elevation, output_hidden_states=output_hidden_states,
             return_dict=True, variables=variables, output_attentions=output_attentions,
+            time_features=time_features,
         )  # fmt: skip
         forecast = self.unpatchify(self.head(encoded.last_hidden_state))  # (B, V_out, H, W)
+        if self.config.forecast_target == "increment":
+            forecast = self._add_increment(fields, lead_time_hours, forecast)
         loss = per_sample_loss = num_valid = None
         if labels is not None:
             valid = self._valid_cells(forecast, labels, region_mask)
@@ -1019,6 +1065,28 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
             attentions=encoded.attentions,
         )  # fmt: skip
         return output if return_dict else output.to_tuple()
+
+    def _add_increment(
+        self, fields: torch.Tensor, lead_time_hours: torch.Tensor | float, increment: torch.Tensor
+    ) -> torch.Tensor:
+        """Input state of each target + the head's increment x its per-lead scale."""
+        state = fields[:, self.config.target_input_channels]  # (B, V_out, H, W)
+        scale = self.config.increment_scale
+        if scale is None:
+            return state + increment
+        leads = torch.as_tensor(lead_time_hours, dtype=torch.float32).expand(fields.shape[0])
+        rows = []
+        for lead in leads.tolist():
+            key = str(int(lead))
+            if lead != int(lead) or key not in scale[self.config.target_variables[0]]:
+                raise ValueError(
+                    f"lead_time_hours: {lead} h has no entry in config.increment_scale (leads "
+                    f"{sorted(scale[self.config.target_variables[0]], key=int)} h); the increment "
+                    f"head is scaled per lead."
+                )
+            rows.append([scale[name][key] for name in self.config.target_variables])
+        factor = torch.tensor(rows, dtype=increment.dtype, device=increment.device)  # (B, V_out)
+        return state + increment * factor[:, :, None, None]
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, N, p * p * V_out) -> (B, V_out, H, W); channel fastest, as ClimaX's head."""

@@ -193,7 +193,8 @@ def resolve_corpus(args: Any, accelerator: Accelerator) -> Path:
         return build_default_corpus(size=args.corpus_size)
 
 
-def load_model(args: Any, meta: Any, accelerator: Accelerator) -> tuple[Any, LoadingReport, list]:
+def load_model(args: Any, meta: Any, accelerator: Accelerator, corpus: Path | None = None
+               ) -> tuple[Any, LoadingReport, list]:
     """The model to train, the loading report, and the keys that did not come from a checkpoint."""
     import topoflow  # noqa: F401  (registers the topoflow-base name resolver)
     from modeling_topoflow import TopoFlowForForecasting
@@ -211,7 +212,7 @@ def load_model(args: Any, meta: Any, accelerator: Accelerator) -> tuple[Any, Loa
         config = build_from_scratch_config(
             args.config, meta, elevation_blocks=args.elevation_blocks,
             elevation_scale=args.elevation_scale, alpha_init=args.alpha_init,
-            elevation_direction=args.elevation_direction)
+            elevation_direction=args.elevation_direction, corpus=corpus)
         for key, value in ablations.items():
             setattr(config, key, value)
         model = TopoFlowForForecasting(config)
@@ -477,7 +478,7 @@ def train(args: Any) -> dict[str, Any] | None:
 
     meta = CorpusMetadata.load(corpus)
     fingerprint = meta.fingerprint()
-    model, loading, new_keys = load_model(args, meta, accelerator)
+    model, loading, new_keys = load_model(args, meta, accelerator, corpus)
     for line in loading.lines():
         accelerator.print(f"loading report: {line}")
     config = model.config
@@ -488,7 +489,9 @@ def train(args: Any) -> dict[str, Any] | None:
             corpus, split, variables=config.variables, target_variables=config.target_variables,
             lead_times_hours=config.lead_times_hours,
             normalization={"mean": config.variable_mean, "std": config.variable_std},
-            seed=args.seed, shuffle=shuffle)
+            seed=args.seed, shuffle=shuffle, time_features=config.time_features,
+            # Training mixes each rank's months (seasons) in one seeded order per epoch.
+            mix_shards=shuffle and split == args.train_split)
         check_world_size(datasets[split].n_shards, accelerator.num_processes)
     trainable = select_trainable(model, args.trainable, new_keys=new_keys,
                                  blocks=args.elevation_blocks)

@@ -49,7 +49,8 @@ def load_batches(model: TopoFlowForForecasting, corpus: str, split: str, n_batch
     dataset = make_forecast_dataset(
         corpus, split, variables=config.variables, target_variables=config.target_variables,
         lead_times_hours=config.lead_times_hours, shuffle=False,
-        normalization={"mean": config.variable_mean, "std": config.variable_std})
+        normalization={"mean": config.variable_mean, "std": config.variable_std},
+        time_features=config.time_features)
     samples = list(itertools.islice(iter(dataset), 0, n_batches * batch_size * 7, 7))
     if len(samples) < batch_size:
         raise ValueError(f"{corpus}: split {split!r} has too few samples for one batch")

@@ -25,6 +25,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from topoflow import TopoFlowForForecasting  # noqa: E402 (needs the repo on sys.path)
+from topoflow.data.time_features import encode_time_features  # noqa: E402
 from topoflow.hub import resolve_pretrained_path  # noqa: E402
 from topoflow.safety import read_manifest  # noqa: E402
 
@@ -50,16 +51,24 @@ def golden_inputs(config) -> dict[str, torch.Tensor]:
             )
             channels.append(field)
         samples.append(torch.stack(channels))
-    return {
+    inputs = {
         "fields": torch.stack(samples).float().contiguous(),  # (B, V, H, W)
         "lead_time_hours": torch.tensor(leads, dtype=torch.float32),  # (B,)
     }
+    if config.time_features:  # the calendar of 2018-01-01T00 UTC + 30 h per sample
+        inputs["time_features"] = torch.stack([
+            torch.from_numpy(encode_time_features(config.time_features, 420_768 + 30 * k, int(h)))
+            for k, h in enumerate(leads)
+        ]).contiguous()  # (B, 2 * len(time_features))
+    return inputs
 
 
 @torch.no_grad()
 def golden_forecast(model: TopoFlowForForecasting, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, V_out, H, W) normalized forecast of `model` in eval mode."""
-    return model.eval()(inputs["fields"], inputs["lead_time_hours"]).forecast.contiguous()
+    return model.eval()(
+        inputs["fields"], inputs["lead_time_hours"], time_features=inputs.get("time_features")
+    ).forecast.contiguous()
 
 
 def weights_sha256(name_or_path: str) -> str:

@@ -74,13 +74,21 @@ def make_tiny_batch(config: TopoFlowConfig, batch_size: int = 2, seed: int = 0) 
     region_mask[:, -3:, :] = False  # "sea" rows outside the region
     init_hours = torch.arange(batch_size, dtype=torch.int64) * 6 + 394_464  # 2015-01-01T00 UTC
     lead_hours = torch.tensor([12, 24, 48, 96] * batch_size)[:batch_size]
-    return {
+    batch = {
         "fields": fields,
         "lead_time_hours": lead_hours.float(),
         "labels": labels,
         "region_mask": region_mask,
         "sample_ids": init_hours * 1000 + lead_hours,
     }
+    if config.time_features:  # derived from the time stamps, as the data pipeline does
+        from topoflow.data.time_features import encode_time_features
+
+        batch["time_features"] = torch.stack([
+            torch.from_numpy(encode_time_features(config.time_features, int(hour), int(lead)))
+            for hour, lead in zip(init_hours, lead_hours, strict=True)
+        ])  # fmt: skip
+    return batch
 
 
 @pytest.fixture

@@ -44,7 +44,8 @@ _FORECAST_OFFLINE = textwrap.dedent(
     golden = load_file(sys.argv[1])
     model = TopoFlowForForecasting.from_pretrained("topoflow-base").eval()
     with torch.no_grad():
-        forecast = model(golden["fields"], golden["lead_time_hours"]).forecast
+        forecast = model(golden["fields"], golden["lead_time_hours"],
+                         time_features=golden.get("time_features")).forecast
     save_file({"forecast": forecast.contiguous()}, sys.argv[2])
     """
 )

@@ -240,15 +240,16 @@ def _records_by_rank(output_dir: Path) -> dict[int, dict[tuple[int, int], list[i
 
 def _expected_batches(corpus: Path, model_dir: Path, steps: int, world_size: int = 2,
                       batch_size: int = 4) -> dict[int, dict[tuple[int, int], list[int]]]:
-    """What each rank must train on: its `shard(world_size, rank)` of the shuffled stream,
-    epoch by epoch, an epoch ending when the first rank runs out of batches."""
+    """What each rank must train on: its `shard(world_size, rank)` of the shuffled stream (its
+    shards' samples mixed in one order), epoch by epoch, an epoch ending when the first rank
+    runs out of batches."""
     from topoflow.data import make_forecast_dataset
 
     config = json.loads((model_dir / "config.json").read_text())
     dataset = make_forecast_dataset(
         corpus, "train", variables=config["variables"],
         target_variables=config["target_variables"],
-        lead_times_hours=config["lead_times_hours"], seed=0, shuffle=True)
+        lead_times_hours=config["lead_times_hours"], seed=0, shuffle=True, mix_shards=True)
     expected: dict[int, dict[tuple[int, int], list[int]]] = {r: {} for r in range(world_size)}
     step, epoch = 0, 0
     while step < steps:

@@ -91,6 +91,7 @@ def _contract(corpus: Path, leads: Sequence[int] | None) -> Any:
         lead_times_hours=list(leads or default.lead_times_hours),
         variable_mean={v: stats[v]["mean"] for v in stats},
         variable_std={v: stats[v]["std"] for v in stats},
+        time_features=[],  # references read no calendar inputs
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["BATCH_DTYPES", "collate_forecast_batch"]
+__all__ = ["BATCH_DTYPES", "OPTIONAL_BATCH_DTYPES", "collate_forecast_batch"]
 
 BATCH_DTYPES: dict[str, torch.dtype] = {
     "fields": torch.float32,
@@ -17,6 +17,8 @@ BATCH_DTYPES: dict[str, torch.dtype] = {
     "region_mask": torch.bool,
     "sample_ids": torch.int64,
 }
+# Keys a batch carries only when the data was asked for them (the model's config.time_features).
+OPTIONAL_BATCH_DTYPES: dict[str, torch.dtype] = {"time_features": torch.float32}
 
 
 def collate_forecast_batch(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -34,4 +36,8 @@ def collate_forecast_batch(samples: Sequence[Mapping[str, Any]]) -> dict[str, to
             raise KeyError(f"sample lacks key {key!r}; it has {sorted(samples[0])}")
         values = [torch.as_tensor(np.asarray(s[key])) for s in samples]
         batch[key] = torch.stack(values).to(dtype)
+    for key, dtype in OPTIONAL_BATCH_DTYPES.items():
+        if key in samples[0]:
+            values = [torch.as_tensor(np.asarray(s[key])) for s in samples]
+            batch[key] = torch.stack(values).to(dtype)
     return batch

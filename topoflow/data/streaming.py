@@ -11,6 +11,12 @@ order permuted by (seed, epoch, shard). Nothing is buffered across shards, so:
 - `state_dict()` / `load_state_dict()` resume exactly: `datasets` records (shard index, sample
   index) and the generator re-creates the same order from (seed, epoch, shard). Call `set_epoch`
   with the checkpoint's epoch before iterating a resumed dataset.
+
+With `mix_shards=True` (training) the shards are still handed out whole, but each rank (or
+worker) then reads all of its shards and yields their samples in one order permuted by
+(seed, epoch, its shards), so every stretch of training mixes months (seasons) instead of
+walking through one month at a time. The position is then the index in that order; the same
+two guarantees hold.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from topoflow.corpus.shards import (
     table_to_arrays,
     validate_shard_file,
 )
+from topoflow.data.time_features import check_time_features, encode_time_features
 
 __all__ = ["make_forecast_dataset", "check_world_size", "ForecastSource"]
 
@@ -65,6 +72,7 @@ class ForecastSource:
     region_mask: np.ndarray  # (H, W) bool
     seed: int
     shuffle: bool
+    time_features: list[str]  # calendar inputs to add to every sample (config.time_features)
 
 
 def _read_shard_table(source: ForecastSource, task: Mapping[str, Any]) -> pa.Table:
@@ -105,41 +113,82 @@ def _normalized_inputs(
     return out
 
 
+@dataclass
+class _LoadedShard:
+    """One shard read and normalized, with its (init row, lead) sample pairs."""
+
+    file: str
+    time_hour: np.ndarray  # (T,) int64
+    inputs: np.ndarray  # (T, V, H, W) float32, finite
+    labels: np.ndarray  # (T, V_out, H, W) float32, NaN kept
+    pairs: list[tuple[int, int]]  # (init row, lead hours) of every sample of the shard
+
+
+def _load_shard(source: ForecastSource, task: Mapping[str, Any]) -> _LoadedShard:
+    meta, step = source.meta, source.meta.time_step_hours
+    needed = list(dict.fromkeys(v for v in (*source.variables, *source.target_variables)
+                                if v in meta.variables))  # fmt: skip
+    shard = meta.shards[task["meta_index"]]
+    table = _read_shard_table(source, task)
+    time_hour, is_halo, raw = table_to_arrays(table, meta, needed, task["file"])
+    check_rows_match(time_hour, is_halo, shard, task["file"], step)
+    inputs = _normalized_inputs(source, raw, len(time_hour))  # (T, V, H, W)
+    labels = np.stack(
+        [(raw[v] - source.mean[v]) / source.std[v] for v in source.target_variables], axis=1
+    ).astype(np.float32, copy=False)  # (T, V_out, H, W), NaN kept
+    pairs = [(i, lead) for i in range(shard.own_rows) for lead in source.lead_times_hours
+             if i + lead // step < shard.rows]  # fmt: skip
+    return _LoadedShard(task["file"], time_hour, inputs, labels, pairs)
+
+
+def _sample(
+    source: ForecastSource, loaded: _LoadedShard, pair: tuple[int, int]
+) -> tuple[str, dict[str, Any]]:
+    i, lead = pair
+    sample_id = int(loaded.time_hour[i]) * 1000 + lead
+    # Copies (about 0.1 MB per sample), so a consumer that edits a sample in place
+    # cannot corrupt the shard buffer or the samples that share its rows.
+    example = {
+        "fields": loaded.inputs[i].copy(),
+        "lead_time_hours": np.float32(lead),
+        "labels": loaded.labels[i + lead // source.meta.time_step_hours].copy(),
+        "region_mask": source.region_mask.copy(),
+        "sample_ids": np.int64(sample_id),
+    }
+    if source.time_features:
+        example["time_features"] = encode_time_features(
+            source.time_features, int(loaded.time_hour[i]), lead
+        )
+    return f"{loaded.file}:{sample_id}", example
+
+
 def _generate_samples(
     shards: list[dict[str, Any]], source: ForecastSource, epoch: int = 0
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield the samples of the given shards (`datasets` calls this with one shard at a time)."""
-    meta, step = source.meta, source.meta.time_step_hours
-    needed = list(dict.fromkeys(v for v in (*source.variables, *source.target_variables)
-                                if v in meta.variables))  # fmt: skip
     for task in shards:
-        shard = meta.shards[task["meta_index"]]
-        table = _read_shard_table(source, task)
-        time_hour, is_halo, raw = table_to_arrays(table, meta, needed, task["file"])
-        check_rows_match(time_hour, is_halo, shard, task["file"], step)
-        inputs = _normalized_inputs(source, raw, len(time_hour))  # (T, V, H, W)
-        labels = np.stack(
-            [(raw[v] - source.mean[v]) / source.std[v] for v in source.target_variables], axis=1
-        ).astype(np.float32, copy=False)  # (T, V_out, H, W), NaN kept
-        pairs = [(i, lead) for i in range(shard.own_rows) for lead in source.lead_times_hours
-                 if i + lead // step < shard.rows]  # fmt: skip
-        order = np.arange(len(pairs))
+        loaded = _load_shard(source, task)
+        order = np.arange(len(loaded.pairs))
         if source.shuffle:
             order = np.random.default_rng([source.seed, epoch, task["meta_index"]]).permutation(
-                len(pairs)
+                len(loaded.pairs)
             )
         for k in order.tolist():
-            i, lead = pairs[k]
-            sample_id = int(time_hour[i]) * 1000 + lead
-            # Copies (about 0.1 MB per sample), so a consumer that edits a sample in place
-            # cannot corrupt the shard buffer or the samples that share its rows.
-            yield f"{task['file']}:{sample_id}", {
-                "fields": inputs[i].copy(),
-                "lead_time_hours": np.float32(lead),
-                "labels": labels[i + lead // step].copy(),
-                "region_mask": source.region_mask.copy(),
-                "sample_ids": np.int64(sample_id),
-            }
+            yield _sample(source, loaded, loaded.pairs[k])
+
+
+def _generate_mixed_samples(
+    shards: list[dict[str, Any]], source: ForecastSource, epoch: int = 0, start: int = 0
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield the samples of all the given shards in one seeded order, from position `start`."""
+    loaded = [_load_shard(source, task) for task in shards]
+    index = [(s, k) for s, shard in enumerate(loaded) for k in range(len(shard.pairs))]
+    # The order depends on which shards this rank holds, so ranks do not walk in lockstep.
+    seeds = [source.seed, epoch, *(task["meta_index"] for task in shards)]
+    order = np.random.default_rng(seeds).permutation(len(index))
+    for k in order[start:].tolist():
+        s, p = index[k]
+        yield _sample(source, loaded[s], loaded[s].pairs[p])
 
 
 class _ShardExamplesIterable(ExamplesIterable):
@@ -152,7 +201,7 @@ class _ShardExamplesIterable(ExamplesIterable):
     """
 
     def _with_kwargs(self, kwargs: dict[str, Any]) -> _ShardExamplesIterable:
-        return _ShardExamplesIterable(self.generate_examples_fn, kwargs)
+        return type(self)(self.generate_examples_fn, kwargs)
 
     def shift_rngs(self, value: int) -> _ShardExamplesIterable:
         return self._with_kwargs({**self.kwargs, "epoch": int(value)})
@@ -170,6 +219,28 @@ class _ShardExamplesIterable(ExamplesIterable):
     def reshard_data_sources(self) -> _ShardExamplesIterable:
         # A shard is the unit of the time-window buffer; splitting it would lose samples.
         return self._with_kwargs(dict(self.kwargs))
+
+
+class _MixedShardsExamplesIterable(_ShardExamplesIterable):
+    """All shards of this rank in one generator call, so their samples can be mixed.
+
+    The state keeps `datasets`' layout ({shard_idx, shard_example_idx}): shard_idx stays 0 (one
+    mixed stream) and shard_example_idx is the position in the mixed order, which the generator
+    skips to directly on resume instead of re-creating the skipped samples.
+    """
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        state = self._state_dict
+        start = state["shard_example_idx"] if state else 0
+        if state and state["shard_idx"] > 0:
+            return  # this epoch's stream was already exhausted
+        for key_example in self.generate_examples_fn(**self.kwargs, start=start):
+            if state:
+                state["shard_example_idx"] += 1
+            yield key_example
+        if state:
+            state["shard_idx"] += 1
+            state["shard_example_idx"] = 0
 
 
 def _check_request(
@@ -260,6 +331,8 @@ def make_forecast_dataset(
     seed: int = 0,
     shuffle: bool = True,
     revision: str | None = None,
+    mix_shards: bool = False,
+    time_features: Sequence[str] = (),
 ) -> Any:
     """A `datasets.IterableDataset` of forecast samples (docs/CONTRACTS.md section 1, unbatched).
 
@@ -268,7 +341,16 @@ def make_forecast_dataset(
     trained. `n_shards` equals the split's shard count; do not shard it yourself when it goes
     through `accelerate.prepare` (accelerate calls `.shard` per rank); check the world size with
     `check_world_size(dataset.n_shards, world_size)`.
+
+    `mix_shards=True` (needs `shuffle=True`) yields each rank's samples across all of its shards
+    in one seeded order per epoch (module docstring). `time_features` (names from
+    `TIME_FEATURES`, usually `config.time_features`) adds a `time_features` float32 array of
+    (sin, cos) calendar phases to every sample.
     """
+    if mix_shards and not shuffle:
+        raise ValueError("mix_shards=True mixes samples in a seeded random order; it needs "
+                         "shuffle=True")
+    time_features = check_time_features(time_features)
     from datasets import DatasetInfo, IterableDataset, NamedSplit
 
     meta = CorpusMetadata.load(corpus, revision=revision)
@@ -295,6 +377,7 @@ def make_forecast_dataset(
         raw=raw, meta=meta, local_root=local_root, variables=variables, target_variables=targets,
         lead_times_hours=leads, mean=mean, std=std, static_normalized=static_normalized,
         region_mask=np.asarray(static["region_id"]) != 0, seed=int(seed), shuffle=shuffle,
+        time_features=time_features,
     )  # fmt: skip
     index_of = {s.file: i for i, s in enumerate(meta.shards)}
     tasks = [
@@ -304,8 +387,11 @@ def make_forecast_dataset(
     ]  # fmt: skip
     if shuffle:
         tasks = [tasks[i] for i in np.random.default_rng(seed).permutation(len(tasks))]
-    ex_iterable = _ShardExamplesIterable(
-        _generate_samples, {"shards": tasks, "source": source, "epoch": 0}
+    iterable_class, generate = (
+        (_MixedShardsExamplesIterable, _generate_mixed_samples)
+        if mix_shards
+        else (_ShardExamplesIterable, _generate_samples)
     )
+    ex_iterable = iterable_class(generate, {"shards": tasks, "source": source, "epoch": 0})
     info = DatasetInfo(description=f"TopoFlow forecast samples from {meta.name} ({split})")
     return IterableDataset(ex_iterable, info=info, split=NamedSplit(split))

@@ -109,7 +109,7 @@ def _load_models(model_dirs: Mapping[str, str | Path]) -> dict[str, Any]:
 def _check_same_data_contract(models: Mapping[str, Any]) -> Any:
     """All models must read and predict the same variables, leads and normalization."""
     keys = ("variables", "target_variables", "lead_times_hours", "variable_mean", "variable_std",
-            "img_size")
+            "img_size", "time_features")
     names = list(models)
     first = models[names[0]].config
     for name in names[1:]:
@@ -178,7 +178,8 @@ def evaluate_forecasters(models: Mapping[str, Any], corpus: str | Path, *, confi
     normalization = {"mean": config.variable_mean, "std": config.variable_std}
     dataset = make_forecast_dataset(
         corpus, split, variables=config.variables, target_variables=config.target_variables,
-        lead_times_hours=config.lead_times_hours, normalization=normalization, shuffle=False)
+        lead_times_hours=config.lead_times_hours, normalization=normalization, shuffle=False,
+        time_features=config.time_features)
 
     def new_metrics() -> ForecastMetrics:
         return ForecastMetrics(

@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from configuration_topoflow import TIME_FEATURES
+from topoflow.data.increment_scale import TRAIN_SPLIT_SCALE, increment_scale
+
 __all__ = [
     "CONFIG_PRESETS",
     "LoadingReport",
@@ -36,11 +39,16 @@ logger = logging.getLogger(__name__)
 CONFIG_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0,
              "decoder_depth": 2, "drop_path": 0.0, "drop_rate": 0.0},
-    # 257k parameters, 128 tokens on the default 32 x 64 grid: one epoch of the default corpus
-    # (about 1460 steps of 8 samples) costs about 0.15 CPU-s per step. embed_dim 128 costs 2.5x.
-    "base": {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0,
-             "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0},
-    # The terrain-worlds controls (docs/experiment.md): `base` at patch 2, so the 16 x 32 worlds
+    # topoflow-base (issue 12): 128 tokens of patch 4 on the default 32 x 64 grid, each wide
+    # enough (embed 96 = 6 targets x 16 cells) to carry its patch; the head predicts the
+    # increment over the input state, scaled per target and lead by the training split; the
+    # time of day and of year of the initialization and the valid time are inputs.
+    "base": {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0,
+             "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0,
+             "forecast_target": "increment", "increment_scale": TRAIN_SPLIT_SCALE,
+             "time_features": list(TIME_FEATURES)},
+    # The terrain-worlds controls (docs/experiment.md): the previous `base` (full-field head, no
+    # calendar inputs) at patch 2, so the 16 x 32 worlds
     # give 128 tokens of 2 x 2 cells (blocking that crosses patch faces is twice that at patch 4).
     "worlds": {"patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0,
                "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0},
@@ -108,8 +116,13 @@ def make_loading_report(info: Mapping[str, Any], blocks: Sequence[int], *, model
 
 def build_from_scratch_config(config_arg: str, corpus_meta: Any, *, elevation_blocks: list[int],
                               elevation_scale: float, alpha_init: float,
-                              elevation_direction: str | None = None) -> Any:
-    """TopoFlowConfig from a preset name or a config.json, completed from the corpus metadata."""
+                              elevation_direction: str | None = None,
+                              corpus: str | Path | None = None) -> Any:
+    """TopoFlowConfig from a preset name or a config.json, completed from the corpus metadata.
+
+    `increment_scale: "train-split"` (the `base` preset) is computed from `corpus`'s training
+    split (topoflow/data/increment_scale.py) and stored in the config as numbers.
+    """
     from configuration_topoflow import (
         DEFAULT_LEAD_TIMES_HOURS,
         DEFAULT_TARGET_VARIABLES,
@@ -155,6 +168,14 @@ def build_from_scratch_config(config_arg: str, corpus_meta: Any, *, elevation_bl
     if elevation_direction is not None:
         fields["elevation_bias_direction"] = elevation_direction
     fields.update(overrides)
+    if fields.get("increment_scale") == TRAIN_SPLIT_SCALE:
+        if corpus is None:
+            raise ValueError(f"--config {config_arg}: increment_scale {TRAIN_SPLIT_SCALE!r} needs "
+                             f"the corpus to compute it from")
+        fields["increment_scale"] = increment_scale(
+            corpus, variables=variables, target_variables=targets,
+            lead_times_hours=fields["lead_times_hours"],
+            normalization={"mean": fields["variable_mean"], "std": fields["variable_std"]})
     return TopoFlowConfig(**fields)
 
 
