@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
@@ -113,7 +113,9 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, str]:
     entries: dict[str, str] = {}
     for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
         digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64 or not name or name.startswith(("/", "../")):
+        # No absolute path and no `..` anywhere ("sub/../../x" leaves the folder too).
+        parts = PurePosixPath(name).parts
+        if not sep or len(digest) != 64 or not name or name.startswith("/") or ".." in parts:
             raise ManifestError(f"{manifest} line {number} is malformed: {line!r}")
         entries[name] = digest.lower()
     return entries
