@@ -37,11 +37,77 @@ class Mutant:
     tests: tuple[str, ...]
 
 
+GUARDS = "tests/test_entry_point_guards.py"
+ASYMMETRIC = "tests/test_asymmetric_fixtures.py"
+INTEGRITY = "tests/test_integrity_entry_points.py"
+REGIMES = "tests/test_attention_regimes.py"
+BY_HAND = "tests/test_model_golden_by_hand.py"
+
+# (name, file, original snippet, planted bug, pytest arguments: test files and -k selections)
 MUTANTS: tuple[Mutant, ...] = (
+    # Safety rules through the entry points.
+    Mutant("trainer-drops-alpha-projection", "train_accelerate.py",
+           "accelerator.unwrap_model(model).project_elevation_alpha_()", "pass",
+           (GUARDS, "-k", "negative_alpha")),
+    Mutant("report-ignores-mismatched", "topoflow/training/model_setup.py",
+           "problems = report.missing_other + report.mismatched",
+           "problems = report.missing_other", (GUARDS, "-k", "loading")),
+    Mutant("report-ignores-missing", "topoflow/training/model_setup.py",
+           "problems = report.missing_other + report.mismatched",
+           "problems = report.mismatched", (GUARDS, "-k", "refuses")),
+    Mutant("trainable-never-freezes", "topoflow/training/model_setup.py",
+           "param.requires_grad_(name in keep)",
+           "param.requires_grad_(name in keep or param.requires_grad)",
+           (GUARDS, "-k", "trainable")),
+    # Masking and weighting.
+    Mutant("loss-mean-of-sample-means", "modeling_topoflow.py",
+           "loss = squared.sum() / total if total > 0",
+           "loss = per_sample.nanmean() if total > 0", (ASYMMETRIC,)),
+    Mutant("region-mean-of-cell-rmse", "topoflow/regions.py",
+           "rmse_c = float(np.sqrt(c_sq[v][inside].sum() / n)) if n > 0 else None",
+           "rmse_c = float(np.mean(np.sqrt(c_sq[v][inside] / c_n[v][inside]))) if n > 0 "
+           "else None", (ASYMMETRIC,)),
+    Mutant("skill-on-all-model-cells", "topoflow/metrics.py",
+           "model_sq = torch.where(valid, model_err, zero).pow(2).sum((2, 3))",
+           "model_sq = model_err.pow(2).sum((2, 3))", (ASYMMETRIC,)),
+    # Kernels where the clamp, ties and directions act.
+    Mutant("flex-drops-clamp", "attention_topoflow.py",
+           "return score + torch.clamp(bias, min=-clamp_max, max=0.0)",
+           "return score + bias", (REGIMES, "-k", "flex")),
+    Mutant("clamp-check-always-inactive", "attention_topoflow.py",
+           "return alpha_value * height_range / h_value <= clamp_max", "return True",
+           (REGIMES, "-k", "sdpa")),
+    Mutant("bias-drops-lower-clamp", "attention_topoflow.py",
+           "return torch.clamp(-alpha * torch.relu(rise), min=-clamp_max, max=0.0)",
+           "return torch.clamp(-alpha * torch.relu(rise), max=0.0)",
+           ("tests/test_packaged_model.py", "-k", "current_ones")),
+    Mutant("bias-query-key-swapped", "attention_topoflow.py",
+           "rise = key_elevation_m.to(dtype)[:, None, :] - query_elevation_m.to(dtype)[:, :, None]",
+           "rise = query_elevation_m.to(dtype)[:, :, None] - key_elevation_m.to(dtype)[:, None, :]",
+           (BY_HAND,)),
+    Mutant("upslope-not-negated", "attention_topoflow.py",
+           "return -elevation_m", "return elevation_m", (BY_HAND,)),
+    # Statistics.
     Mutant("bootstrap-last-start", "topoflow/stats.py",
            "rng.integers(0, n_times - block_length + 1,",
            "rng.integers(0, n_times - block_length,",
            ("tests/test_stats_known_answers.py",)),
+    Mutant("bootstrap-mean-of-init-means", "topoflow/stats.py",
+           "mean_reduction=float(reduction.sum() / count.sum()),",
+           "mean_reduction=float((reduction / count).mean()),",
+           ("tests/test_stats_known_answers.py", "-k", "weigh")),
+    # Integrity guards.
+    Mutant("manifest-allows-escaping-paths", "topoflow/safety.py",
+           'or name.startswith("/") or ".." in parts:', ":", (INTEGRITY, "-k", "outside")),
+    Mutant("manifest-hashes-weights-only", "topoflow/safety.py",
+           "elif sha256_file(path) != digest:",
+           'elif path.suffix == ".safetensors" and sha256_file(path) != digest:',
+           (INTEGRITY, "-k", "damaged")),
+    Mutant("manifest-ignores-unlisted-files", "topoflow/safety.py",
+           "if rel.as_posix() not in expected:", "if False:", (INTEGRITY, "-k", "damaged")),
+    Mutant("local-folder-not-verified", "topoflow/hub.py",
+           "verify_model_folder(path, require_manifest=False)", "pass",
+           (INTEGRITY, "-k", "damaged")),
 )
 
 
