@@ -6,7 +6,10 @@ from `topoflow/`, so a Hub user needs torch + transformers only.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +17,7 @@ from transformers import PretrainedConfig
 
 __all__ = [
     "DEFAULT_LEAD_TIMES_HOURS",
+    "DEFAULT_LEAD_TIME_SCALE_HOURS",
     "DEFAULT_TARGET_VARIABLES",
     "DEFAULT_VARIABLES",
     "ELEVATION_BIAS_DIRECTIONS",
@@ -27,6 +31,8 @@ DEFAULT_VARIABLES: tuple[str, ...] = (
 )  # fmt: skip
 DEFAULT_TARGET_VARIABLES: tuple[str, ...] = ("pm25", "pm10", "so2", "no2", "co", "o3")
 DEFAULT_LEAD_TIMES_HOURS: tuple[int, ...] = (12, 24, 48, 96)
+# ClimaX feeds the lead-time embedding hours / 100; checkpoints converted from ClimaX rely on it.
+DEFAULT_LEAD_TIME_SCALE_HOURS = 100.0
 # The transport an elevation bias penalizes (see `elevation_bias_direction` below).
 ELEVATION_BIAS_DIRECTIONS: tuple[str, ...] = ("downslope", "upslope")
 
@@ -64,6 +70,15 @@ class TopoFlowConfig(PretrainedConfig):
         lead_times_hours (`Sequence[int]`, defaults to `(12, 24, 48, 96)`):
             Lead times (hours) the model is trained and evaluated for. The model itself accepts any
             positive lead; this list tells the data pipeline and the model card what was used.
+        lead_time_scale_hours (`float`, defaults to 100.0):
+            Hours per unit of the lead-time embedding's input: it sees
+            `lead_time_hours / lead_time_scale_hours`. 100 is ClimaX's scale; the TopoFlow paper
+            code (AmmarKheder/TopoFlow) feeds raw hours, so its converted checkpoints use 1.0.
+        patch_embed_norm (`bool`, defaults to `False`):
+            Apply a LayerNorm (over `embed_dim`, one shared by all variables) to each variable's
+            patch tokens after the patch projection and before the variable embedding is added.
+            ClimaX has none; the TopoFlow paper code has one (`patch_embed.norm`), so its converted
+            checkpoints set True. Adds the weights `embeddings.patch_embed_norm.{weight,bias}`.
         elevation_bias_blocks (`Sequence[int]`, defaults to `()`):
             Indices (0..depth-1) of the blocks whose attention gets the elevation bias.
             Empty = the baseline.
@@ -80,6 +95,15 @@ class TopoFlowConfig(PretrainedConfig):
             ReLU((z_j - z_i) / H_scale), -clamp, 0). `"upslope"`: attending to a lower source,
             the same formula with z_i - z_j; this is the direction the embedded corpus's terrain
             blocking acts in (docs/results/README.md). A checkpoint without the key is downslope.
+        elevation_bias_placebo (`bool`, defaults to `False`):
+            Compute the bias from a per-sample random shuffle of the patch heights instead of the
+            heights themselves: the same values, no geography (the placebo arm of the controlled
+            experiment, docs/experiment.md). A fresh permutation per sample and forward pass in
+            training; in evaluation a fixed-seed one, so evaluation is repeatable.
+        elevation_input_masked (`bool`, defaults to `False`):
+            Set the elevation input channel to 0 (its training mean) before the patch embedding,
+            after the bias has read it: the model then sees the terrain only through the bias
+            (with no bias block: not at all). An ablation separating the bias from the channel.
         elevation_variable (`str` or `None`, defaults to `"elevation"`):
             Input channel holding the terrain elevation (normalized like every input). When it is
             None or not among `variables`, `forward` needs `elevation=` (metres) if bias blocks
@@ -104,6 +128,12 @@ class TopoFlowConfig(PretrainedConfig):
     """
 
     model_type = "topoflow"
+    # The names transformers' generic code and users read on every config (ViT's and BERT's).
+    attribute_map = {
+        "hidden_size": "embed_dim",
+        "num_hidden_layers": "depth",
+        "num_attention_heads": "num_heads",
+    }
 
     def __init__(
         self,
@@ -120,12 +150,16 @@ class TopoFlowConfig(PretrainedConfig):
         drop_rate: float = 0.1,
         attention_dropout: float = 0.0,
         lead_times_hours: Sequence[int] = DEFAULT_LEAD_TIMES_HOURS,
+        lead_time_scale_hours: float = DEFAULT_LEAD_TIME_SCALE_HOURS,
+        patch_embed_norm: bool = False,
         elevation_bias_blocks: Sequence[int] = (),
         elevation_scale: float = 1000.0,
         elevation_alpha_init: float = 0.0,
         elevation_bias_clamp: float = 10.0,
         elevation_bias_direction: str = "downslope",
         elevation_variable: str | None = "elevation",
+        elevation_bias_placebo: bool = False,
+        elevation_input_masked: bool = False,
         variable_mean: Mapping[str, float] | None = None,
         variable_std: Mapping[str, float] | None = None,
         variable_units: Mapping[str, str] | None = None,
@@ -138,7 +172,9 @@ class TopoFlowConfig(PretrainedConfig):
         # Lists, not tuples: config.json stores lists, and a loaded config must equal a fresh one.
         self.variables = list(variables)
         self.target_variables = list(target_variables)
-        self.img_size = [int(size) for size in img_size]
+        # Integers from numpy (a corpus's grid) become plain ints; anything else is left for
+        # check_topoflow to refuse by name.
+        self.img_size = [int(s) if isinstance(s, numbers.Integral) else s for s in img_size]
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.depth = depth
@@ -149,12 +185,16 @@ class TopoFlowConfig(PretrainedConfig):
         self.drop_rate = drop_rate
         self.attention_dropout = attention_dropout
         self.lead_times_hours = list(lead_times_hours)
+        self.lead_time_scale_hours = lead_time_scale_hours
+        self.patch_embed_norm = patch_embed_norm
         self.elevation_bias_blocks = sorted(int(index) for index in elevation_bias_blocks)
-        self.elevation_scale = float(elevation_scale)
-        self.elevation_alpha_init = float(elevation_alpha_init)
-        self.elevation_bias_clamp = float(elevation_bias_clamp)
+        self.elevation_scale = _as_float("elevation_scale", elevation_scale)
+        self.elevation_alpha_init = _as_float("elevation_alpha_init", elevation_alpha_init)
+        self.elevation_bias_clamp = _as_float("elevation_bias_clamp", elevation_bias_clamp)
         self.elevation_bias_direction = elevation_bias_direction
         self.elevation_variable = elevation_variable
+        self.elevation_bias_placebo = elevation_bias_placebo
+        self.elevation_input_masked = elevation_input_masked
         all_names = dict.fromkeys([*self.variables, *self.target_variables])
         self.variable_mean = (
             {name: 0.0 for name in all_names} if variable_mean is None else dict(variable_mean)
@@ -167,6 +207,7 @@ class TopoFlowConfig(PretrainedConfig):
         self.region_mask_description = region_mask_description
         self.corpus = None if corpus is None else dict(corpus)
         self.initializer_range = initializer_range
+        _refuse_misspelled_fields(kwargs)
         super().__init__(**kwargs)
         self.check_topoflow()
 
@@ -197,10 +238,28 @@ class TopoFlowConfig(PretrainedConfig):
 
     def check_topoflow(self) -> None:
         """Raise `ValueError` naming the field at fault if the TopoFlow fields are inconsistent."""
+        self._check_types()
         self._check_names()
         self._check_geometry()
         self._check_elevation()
         self._check_statistics()
+
+    def _check_types(self) -> None:
+        # A size from a hand-edited config.json as "4" would otherwise fail deep inside torch with
+        # a TypeError that names no field.
+        for field in _INT_FIELDS:
+            _check_int(field, getattr(self, field))
+        for index, size in enumerate(self.img_size):
+            _check_int(f"img_size[{index}]", size)
+        for index, hours in enumerate(self.lead_times_hours):
+            _check_int(f"lead_times_hours[{index}]", hours)
+        for field in _REAL_FIELDS:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(
+                    f"TopoFlowConfig.{field} must be a number, got {value!r} "
+                    f"({type(value).__name__})."
+                )
 
     def _check_names(self) -> None:
         for field in ("variables", "target_variables"):
@@ -236,6 +295,21 @@ class TopoFlowConfig(PretrainedConfig):
                 f"TopoFlowConfig.embed_dim={self.embed_dim} is not divisible by "
                 f"num_heads={self.num_heads}."
             )
+        if not isinstance(self.patch_embed_norm, bool):
+            raise ValueError(
+                f"TopoFlowConfig.patch_embed_norm must be true or false, got "
+                f"{self.patch_embed_norm!r}."
+            )
+        scale = self.lead_time_scale_hours
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not (math.isfinite(scale) and scale > 0)
+        ):
+            raise ValueError(
+                f"TopoFlowConfig.lead_time_scale_hours (hours per unit of the lead-time "
+                f"embedding's input) must be a finite number > 0, got {scale!r}."
+            )
         for field in ("drop_path", "drop_rate", "attention_dropout"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise ValueError(
@@ -267,9 +341,20 @@ class TopoFlowConfig(PretrainedConfig):
                 f"TopoFlowConfig.elevation_bias_direction must be one of "
                 f"{list(ELEVATION_BIAS_DIRECTIONS)}, got {self.elevation_bias_direction!r}."
             )
-        if not math.isfinite(self.elevation_alpha_init):
+        for field in ("elevation_bias_placebo", "elevation_input_masked"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(
+                    f"TopoFlowConfig.{field} must be true or false, got {getattr(self, field)!r}."
+                )
+        if self.elevation_input_masked and self.elevation_channel is None:
             raise ValueError(
-                f"TopoFlowConfig.elevation_alpha_init must be finite, got "
+                f"TopoFlowConfig.elevation_input_masked=True needs the elevation channel "
+                f"elevation_variable={self.elevation_variable!r} among the variables."
+            )
+        if not (math.isfinite(self.elevation_alpha_init) and self.elevation_alpha_init >= 0):
+            raise ValueError(
+                f"TopoFlowConfig.elevation_alpha_init must be finite and >= 0 (below 0 the "
+                f"clamped bias and alpha's gradient are both 0 for good), got "
                 f"{self.elevation_alpha_init}."
             )
 
@@ -290,6 +375,39 @@ class TopoFlowConfig(PretrainedConfig):
         if not_positive:
             raise ValueError(
                 f"TopoFlowConfig.variable_std must be > 0, got <= 0 for {not_positive}."
+            )
+
+
+_INT_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_depth")
+_REAL_FIELDS = ("mlp_ratio", "drop_path", "drop_rate", "attention_dropout", "initializer_range")
+
+
+def _check_int(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"TopoFlowConfig.{field} must be an int, got {value!r} ({type(value).__name__})."
+        )
+
+
+def _as_float(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"TopoFlowConfig.{field} must be a number, got {value!r} ({type(value).__name__})."
+        )
+    return float(value)
+
+
+def _refuse_misspelled_fields(kwargs: Mapping[str, Any]) -> None:
+    """Unknown keys go to PretrainedConfig, which keeps them silently; one that is nearly the
+    name of a TopoFlow field (`elevation_bias_block`) is a typo whose value would be ignored."""
+    fields = [name for name in inspect.signature(TopoFlowConfig.__init__).parameters
+              if name not in ("self", "kwargs")]  # fmt: skip
+    for key in kwargs:
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+        if close and key not in fields:
+            raise ValueError(
+                f"TopoFlowConfig got the unknown field {key!r}; did you mean {close[0]!r}? "
+                f"(its value would be ignored)"
             )
 
 

@@ -11,16 +11,19 @@ Hub remote code: imports torch and transformers only (never `topoflow/`, dataset
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -55,6 +58,17 @@ except ImportError:
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
+    "MANIFEST_FILENAME",
+    "ManifestError",
+    "NonFiniteWeightsError",
+    "PickleFileError",
+    "check_finite_state_dict",
+    "read_manifest",
+    "refuse_nonfinite_keys",
+    "refuse_pickle_files",
+    "verify_manifest",
+    "verify_pretrained_files",
+    "write_manifest",
     "TopoFlowForForecasting",
     "TopoFlowForecastOutput",
     "TopoFlowModel",
@@ -71,12 +85,10 @@ __all__ = [
     "masked_mse",
     "patch_mean_elevation",
     "plain_attention",
+    "shuffle_patch_heights",
     "sincos_position_embedding_2d",
     "sincos_embedding_1d",
 ]
-
-# ClimaX feeds lead times as hours / 100; checkpoints converted from ClimaX rely on the same scale.
-LEAD_TIME_SCALE_HOURS = 100.0
 
 
 def sincos_embedding_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -104,6 +116,23 @@ def patch_mean_elevation(elevation_m: torch.Tensor, patch_size: int) -> torch.Te
     return pooled.flatten(1)
 
 
+# Seed of the placebo's permutations in evaluation, so a placebo model evaluates repeatably.
+PLACEBO_EVAL_SEED = 0
+
+
+def shuffle_patch_heights(
+    elevation_m: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The placebo's heights: each sample's (B, N) patch heights in an independent random order.
+
+    The values (and so the height distribution, the spread, the mean rise) are kept; which patch
+    has which height, the geography, is not. `generator` (a CPU generator) fixes the order.
+    """
+    keys = torch.rand(elevation_m.shape, generator=generator)  # (B, N) on the CPU
+    order = keys.argsort(dim=1).to(elevation_m.device)
+    return elevation_m.gather(1, order)
+
+
 @dataclass
 class TopoFlowModelOutput(ModelOutput):
     """Encoder output.
@@ -112,10 +141,14 @@ class TopoFlowModelOutput(ModelOutput):
         last_hidden_state (`torch.Tensor` of shape `(B, N, D)`): tokens after the final LayerNorm.
         hidden_states (`tuple[torch.Tensor]`, *optional*): `depth + 1` tensors of shape `(B, N, D)`:
             the embeddings, then each block's output; returned with `output_hidden_states=True`.
+        attentions (`tuple[torch.Tensor]`, *optional*): `depth` tensors of shape
+            `(B, heads, N, N)`: each block's attention probabilities after the softmax, elevation
+            bias included; returned with `output_attentions=True`.
     """
 
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -134,6 +167,7 @@ class TopoFlowForecastOutput(ModelOutput):
             normalized.
         hidden_states (`tuple[torch.Tensor]`, *optional*): see `TopoFlowModelOutput`.
         sample_ids (`torch.Tensor` of shape `(B,)`, *optional*): echoed from the input.
+        attentions (`tuple[torch.Tensor]`, *optional*): see `TopoFlowModelOutput`.
     """
 
     loss: torch.Tensor | None = None
@@ -142,11 +176,46 @@ class TopoFlowForecastOutput(ModelOutput):
     forecast: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     sample_ids: torch.Tensor | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class TopoFlowVariableAggregation(nn.Module):
+    """ClimaX's variable aggregation: one learnable query attends over the V variable tokens of each
+    patch, (M, 1, D) query and (M, V, D) tokens -> (M, 1, D).
+
+    The parameters and their names are nn.MultiheadAttention's (`in_proj_weight`, `in_proj_bias`,
+    `out_proj`), so checkpoints load unchanged. It is written out because nn.MultiheadAttention
+    reads `out_proj.weight` without calling `out_proj`, so accelerate's offload hooks (a
+    `device_map` that offloads the embeddings) never load it ("Tensor on device meta").
+    """
+
+    def __init__(self, config: TopoFlowConfig) -> None:
+        super().__init__()
+        dim = config.embed_dim
+        self.num_heads = config.num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        weight_q, weight_k, weight_v = self.in_proj_weight.chunk(3)
+        bias_q, bias_k, bias_v = self.in_proj_bias.chunk(3)
+        query = self._split_heads(F.linear(query, weight_q, bias_q))  # (M, heads, 1, head_dim)
+        key = self._split_heads(F.linear(tokens, weight_k, bias_k))  # (M, heads, V, head_dim)
+        value = self._split_heads(F.linear(tokens, weight_v, bias_v))
+        attended = F.scaled_dot_product_attention(query, key, value)  # (M, heads, 1, head_dim)
+        attended = attended.transpose(1, 2).reshape(query.shape[0], 1, -1)  # (M, 1, D)
+        return self.out_proj(attended)
+
+    def _split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows, length, dim = tokens.shape
+        return tokens.reshape(rows, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
 
 class TopoFlowEmbeddings(nn.Module):
-    """Per-variable patch embedding, variable embedding, variable aggregation by a learnable query,
-    position and lead-time embeddings: (B, V, H, W) fields -> (B, N, D) tokens."""
+    """Per-variable patch embedding (optionally LayerNorm-ed), variable embedding, variable
+    aggregation by a learnable query, position and lead-time embeddings: (B, V, H, W) fields ->
+    (B, N, D) tokens."""
 
     def __init__(self, config: TopoFlowConfig) -> None:
         super().__init__()
@@ -157,9 +226,11 @@ class TopoFlowEmbeddings(nn.Module):
             num_variables, num_variables * dim, kernel_size=config.patch_size,
             stride=config.patch_size, groups=num_variables,
         )  # fmt: skip
+        # The TopoFlow paper code normalizes each variable's tokens before the variable embedding.
+        self.patch_embed_norm = nn.LayerNorm(dim) if config.patch_embed_norm else None
         self.var_embed = nn.Parameter(torch.zeros(1, num_variables, dim))
         self.var_query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.var_agg = nn.MultiheadAttention(dim, config.num_heads, batch_first=True)
+        self.var_agg = TopoFlowVariableAggregation(config)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, dim))
         self.lead_time_embed = nn.Linear(1, dim)
         self.dropout = nn.Dropout(config.drop_rate)
@@ -168,10 +239,14 @@ class TopoFlowEmbeddings(nn.Module):
         batch, num_variables = fields.shape[:2]
         tokens = self.token_embed(fields)  # (B, V * D, h, w)
         tokens = tokens.reshape(batch, num_variables, -1, self.config.num_patches)
-        tokens = tokens.transpose(2, 3) + self.var_embed[:, :, None]  # (B, V, N, D)
+        tokens = tokens.transpose(2, 3)  # (B, V, N, D)
+        if self.patch_embed_norm is not None:
+            tokens = self.patch_embed_norm(tokens)
+        tokens = tokens + self.var_embed[:, :, None]
         tokens = self._aggregate_variables(tokens)  # (B, N, D)
         tokens = tokens + self.pos_embed
-        lead = (lead_time_hours.to(tokens.dtype) / LEAD_TIME_SCALE_HOURS)[:, None]  # (B, 1)
+        scale = self.config.lead_time_scale_hours
+        lead = (lead_time_hours.to(tokens.dtype) / scale)[:, None]  # (B, 1)
         tokens = tokens + self.lead_time_embed(lead)[:, None]  # (B, 1, D) broadcast over N
         return self.dropout(tokens)
 
@@ -179,12 +254,46 @@ class TopoFlowEmbeddings(nn.Module):
         batch, _, num_patches, dim = tokens.shape
         per_patch = tokens.transpose(1, 2).reshape(batch * num_patches, -1, dim)  # (B*N, V, D)
         query = self.var_query.expand(per_patch.shape[0], -1, -1)  # (B*N, 1, D)
-        aggregated, _ = self.var_agg(query, per_patch, per_patch, need_weights=False)
+        aggregated = self.var_agg(query, per_patch)
         return aggregated.reshape(batch, num_patches, dim)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention signature: (B, heads, N, head_dim) in, (B, N, heads, head_dim)
+    out with the (B, heads, N, N) probabilities, for `output_attentions=True`.
+
+    `attention_mask` is additive (here the elevation bias, (B, 1, N, N)). The kernels above never
+    return probabilities; this is the one path that does, so it materializes them.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask.to(scores.dtype)
+    # Softmax in at least float32, as the eager kernel above.
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
+    weights = torch.softmax(scores.to(softmax_dtype), dim=-1).to(query.dtype)
+    dropped = F.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(dropped, value).transpose(1, 2), weights
+
+
 class TopoFlowAttention(nn.Module):
-    """Multi-head self-attention (timm layout: fused qkv, proj) with the optional elevation bias."""
+    """Multi-head self-attention (timm layout: fused qkv, proj) with the optional elevation bias.
+
+    `config._attn_implementation` picks the kernel: this file's exact elevation-biased kernels for
+    "eager", "sdpa" and "flex_attention"; any other name registered with transformers'
+    `AttentionInterface` is called the transformers way, with the elevation bias as its additive
+    (B, 1, N, N) `attention_mask` (materialized, so for moderate N only).
+    """
+
+    is_causal = False
 
     def __init__(self, config: TopoFlowConfig, layer_idx: int) -> None:
         super().__init__()
@@ -196,19 +305,38 @@ class TopoFlowAttention(nn.Module):
         self.proj_drop = nn.Dropout(config.drop_rate)
         if self.has_elevation_bias:
             self.elevation_alpha = nn.Parameter(torch.tensor(config.elevation_alpha_init))
-            # A persistent buffer: H_scale travels with the checkpoint but is not trained.
-            self.register_buffer("H_scale", torch.tensor(config.elevation_scale), persistent=True)
+            # A persistent buffer: H_scale travels with the checkpoint but is not trained. Always
+            # float32 (also under from_pretrained(dtype=bfloat16), which builds the model with
+            # bf16 as default dtype): bf16 reads 1500 m as 1504 m.
+            self.register_buffer(
+                "H_scale", torch.tensor(config.elevation_scale, dtype=torch.float32),
+                persistent=True,
+            )  # fmt: skip
 
-    def forward(self, hidden: torch.Tensor, elevation_m: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        elevation_m: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N, D) -> (B, N, D), and the (B, heads, N, N) probabilities if output_attentions."""
         batch, num_tokens, dim = hidden.shape
         qkv = self.qkv(hidden).reshape(batch, num_tokens, 3, self.num_heads, dim // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
         implementation = self.config._attn_implementation or "sdpa"
         dropout_p = self.config.attention_dropout if self.training else 0.0
+        if output_attentions or implementation not in ATTENTION_IMPLEMENTATIONS:
+            # Only eager attention has probabilities to return (transformers does the same).
+            attended, weights = self._interface_attention(
+                query, key, value, elevation_m, dropout_p,
+                "eager" if output_attentions else implementation,
+            )  # fmt: skip
+            attended = attended.reshape(batch, num_tokens, dim)
+            return self.proj_drop(self.proj(attended)), weights
         if self.has_elevation_bias:
             heights = oriented_elevation(elevation_m, self.config.elevation_bias_direction)
             attended = elevation_biased_attention(
-                query, key, value, elevation_m=heights, alpha=self.elevation_alpha,
+                query, key, value, elevation_m=heights, alpha=self.nonnegative_alpha(),
                 h_scale=self.H_scale, clamp_max=self.config.elevation_bias_clamp,
                 implementation=implementation, dropout_p=dropout_p,
             )  # fmt: skip
@@ -217,7 +345,53 @@ class TopoFlowAttention(nn.Module):
                 query, key, value, implementation=implementation, dropout_p=dropout_p
             )
         attended = attended.transpose(1, 2).reshape(batch, num_tokens, dim)
-        return self.proj_drop(self.proj(attended))
+        return self.proj_drop(self.proj(attended)), None
+
+    def _interface_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        elevation_m: torch.Tensor | None,
+        dropout_p: float,
+        implementation: str,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention through transformers' interface: (B, N, heads, head_dim) and the weights."""
+        bias = None
+        if self.has_elevation_bias:
+            heights = oriented_elevation(elevation_m, self.config.elevation_bias_direction)
+            bias = elevation_bias_matrix(
+                heights, alpha=self.nonnegative_alpha(), h_scale=self.H_scale,
+                clamp_max=self.config.elevation_bias_clamp,
+            )[:, None].to(query.dtype)  # (B, 1, N, N), shared by all heads  # fmt: skip
+        if implementation == "eager":
+            attention = eager_attention_forward
+        else:
+            attention = AttentionInterface().get_interface(implementation, None)
+        return attention(
+            self, query, key, value, bias, scaling=query.shape[-1] ** -0.5, dropout=dropout_p,
+            is_causal=False,
+        )  # fmt: skip
+
+    def nonnegative_alpha(self) -> torch.Tensor:
+        """alpha as the bias uses it: max(alpha, 0) in value, with the gradient passed to alpha.
+
+        For alpha < 0 the clamped bias is 0 everywhere and d(bias)/d(alpha) is exactly 0, so an
+        alpha that one optimizer step pushes below 0 would stay there for good, in any training
+        loop (plain optimizer, transformers' Trainer, ours). The model keeps its own bias alive
+        instead of relying on the loop: the bias sees max(alpha, 0), whose value at 0 is what
+        the loss's gradient is taken at, and that gradient reaches alpha unchanged (straight
+        through), so alpha grows again as soon as the loss asks for it. In training the stored
+        parameter is also projected back onto alpha >= 0 before use, so the checkpoint's
+        `elevation_alpha` is the value the bias used (projected gradient descent); compiled or
+        exported graphs skip the in-place projection and rely on the straight-through value.
+        At alpha >= 0 both are the identity: step-0 forecasts and the checkpoint key are unchanged.
+        """
+        alpha = self.elevation_alpha
+        if self.training and not torch.compiler.is_compiling():
+            with torch.no_grad():
+                alpha.clamp_(min=0.0)
+        return alpha + (alpha.clamp(min=0.0) - alpha).detach()
 
 
 class TopoFlowMLP(nn.Module):
@@ -262,9 +436,215 @@ class TopoFlowBlock(nn.Module):
         self.mlp = TopoFlowMLP(config)
         self.drop_path = TopoFlowDropPath(rate)
 
-    def forward(self, hidden: torch.Tensor, elevation_m: torch.Tensor | None) -> torch.Tensor:
-        hidden = hidden + self.drop_path(self.attn(self.norm1(hidden), elevation_m))
-        return hidden + self.drop_path(self.mlp(self.norm2(hidden)))
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        elevation_m: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(self.norm1(hidden), elevation_m, output_attentions)
+        hidden = hidden + self.drop_path(attended)
+        return hidden + self.drop_path(self.mlp(self.norm2(hidden))), weights
+
+
+# Weight integrity, here and not in `topoflow/` so that a Hub user's
+# `AutoModel.from_pretrained(folder, trust_remote_code=True)` checks it with only torch and
+# transformers installed. safetensors stores no checksum: a flipped byte in a weight file loads
+# silently as a slightly different number. A model folder therefore carries a `SHA256SUMS` manifest
+# in the format of coreutils' `sha256sum` (`<hex>  <relative path>` per line), covering the files
+# that decide what a load produces: weights, configuration and metadata (*.json) and remote code
+# (*.py). The model card (README.md) and plots are left out so a card edited in the Hub's browser
+# editor does not make the weights unloadable.
+MANIFEST_FILENAME = "SHA256SUMS"
+COVERED_SUFFIXES = (".safetensors", ".json", ".py")
+# Formats that torch.load / pickle would deserialize; loading one can execute arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class ManifestError(ValueError):
+    """A model folder's SHA256SUMS is missing, malformed, or does not match the files."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """A state dict or weight file holds NaN or Inf values."""
+
+
+class PickleFileError(ValueError):
+    """A model folder holds a pickle-based weight file, which this project never loads."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in chunks so multi-GB shards do not need to fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Regular files under `folder`, relative, skipping hidden entries such as `.git` or the
+    `.cache` that `snapshot_download(local_dir=...)` creates."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not any(part.startswith(".") for part in relative.parts) and path.is_file():
+            found.append(relative)
+    return found
+
+
+def find_pickle_files(folder: str | os.PathLike) -> list[str]:
+    """Relative paths of pickle-format files (`.bin`, `.pt`, ...) in `folder`."""
+    return [rel.as_posix() for rel in _visible_files(Path(folder)) if rel.suffix in PICKLE_SUFFIXES]
+
+
+def refuse_pickle_files(folder: str | os.PathLike) -> None:
+    """Raise PickleFileError if `folder` holds any pickle-format file."""
+    found = find_pickle_files(folder)
+    if found:
+        raise PickleFileError(
+            f"model folder {folder} holds pickle-format files {found}; TopoFlow loads and writes "
+            "safetensors only (unpickling can run arbitrary code). Convert them to safetensors."
+        )
+
+
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """Write `folder`/SHA256SUMS over every weight, json and Python file; return its path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write a manifest: model folder {folder} does not exist")
+    refuse_pickle_files(folder)
+    covered = [rel for rel in _visible_files(folder) if rel.suffix in COVERED_SUFFIXES]
+    lines = [f"{sha256_file(folder / rel)}  {rel.as_posix()}\n" for rel in covered]
+    if not any(rel.suffix == ".safetensors" for rel in covered):
+        raise ManifestError(f"model folder {folder} holds no *.safetensors weight file")
+    manifest = folder / MANIFEST_FILENAME
+    temporary = manifest.with_name(MANIFEST_FILENAME + ".tmp")
+    temporary.write_text("".join(lines), encoding="utf-8")
+    os.replace(temporary, manifest)
+    return manifest
+
+
+def parse_manifest(text: str, source: str) -> dict[str, str]:
+    """{relative posix path: hex digest} from the text of a SHA256SUMS file."""
+    entries: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        digest, sep, name = line.partition("  ")
+        malformed = not sep or len(digest) != 64 or not name
+        if malformed or name.startswith("/") or ".." in Path(name).parts:
+            raise ManifestError(f"{source} line {number} is malformed: {line!r}")
+        entries[name] = digest.lower()
+    if not entries:
+        raise ManifestError(f"{source} lists no file")
+    return entries
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, str]:
+    """Parse `folder`/SHA256SUMS into {relative posix path: hex digest}."""
+    manifest = Path(folder) / MANIFEST_FILENAME
+    if not manifest.is_file():
+        raise ManifestError(
+            f"{manifest} is missing: the weights cannot be checked (write it with "
+            "topoflow.safety.write_manifest, or export the model with python -m topoflow.export)"
+        )
+    return parse_manifest(manifest.read_text(encoding="utf-8"), str(manifest))
+
+
+def manifest_problems(expected: dict[str, str], locate: Callable[[str], Path | None]) -> list[str]:
+    """One line per listed file that `locate` cannot find or whose sha256 differs."""
+    problems = []
+    for name, digest in expected.items():
+        path = locate(name)
+        if path is None or not path.is_file():
+            problems.append(f"{name}: listed in {MANIFEST_FILENAME} but missing")
+        elif sha256_file(path) != digest:
+            problems.append(
+                f"{name}: sha256 differs from {MANIFEST_FILENAME} (file corrupted or altered)"
+            )
+    return problems
+
+
+def verify_manifest(folder: str | os.PathLike) -> None:
+    """Raise ManifestError naming every file whose bytes differ from SHA256SUMS, every listed
+    file that is missing, and every weight/json/code file that the manifest does not list."""
+    folder = Path(folder)
+    expected = read_manifest(folder)
+    problems = manifest_problems(expected, lambda name: folder / name)
+    for rel in _visible_files(folder):
+        if rel.suffix in COVERED_SUFFIXES and rel.as_posix() not in expected:
+            problems.append(f"{rel.as_posix()}: present but not listed in {MANIFEST_FILENAME}")
+    if problems:
+        raise ManifestError(
+            f"model folder {folder} fails its checksum manifest:\n  " + "\n  ".join(problems)
+        )
+
+
+def nonfinite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding any NaN or Inf, in the mapping's order."""
+    return [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def check_finite_state_dict(
+    state_dict: Mapping[str, torch.Tensor], *, where: str = "state dict"
+) -> None:
+    """Raise NonFiniteWeightsError listing every key of `state_dict` with NaN or Inf values."""
+    refuse_nonfinite_keys(nonfinite_keys(state_dict), where)
+
+
+def refuse_nonfinite_keys(keys: Sequence[str], where: str) -> None:
+    """Raise NonFiniteWeightsError listing `keys` (tensors found to hold NaN or Inf) in `where`."""
+    if keys:
+        shown = ", ".join(keys[:20]) + (f" ... ({len(keys)} in all)" if len(keys) > 20 else "")
+        raise NonFiniteWeightsError(f"{where} holds NaN or Inf weights in: {shown}")
+
+
+def verify_pretrained_files(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> None:
+    """Check the SHA256SUMS of what `from_pretrained(name_or_path)` is about to load.
+
+    A local folder is checked in full (every covered file listed and intact, no pickle files); a
+    Hub repo has its manifest and every file it lists fetched through transformers' cache and
+    checked. A folder or repo without a manifest loads with a warning: nothing can be checked.
+    """
+    if os.path.isdir(name_or_path):
+        refuse_pickle_files(name_or_path)
+        if (Path(name_or_path) / MANIFEST_FILENAME).is_file():
+            verify_manifest(name_or_path)
+        else:
+            _warn_unchecked(f"model folder {name_or_path}")
+        return
+    from transformers.utils import cached_file
+
+    def fetch(filename: str) -> Path | None:
+        found = cached_file(
+            name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False, **hub_kwargs,
+        )  # fmt: skip
+        return None if found is None else Path(found)
+
+    manifest = fetch(MANIFEST_FILENAME)
+    if manifest is None:
+        _warn_unchecked(f"model repo {name_or_path}")
+        return
+    source = f"{name_or_path}/{MANIFEST_FILENAME}"
+    problems = manifest_problems(parse_manifest(manifest.read_text(encoding="utf-8"), source),
+                                 fetch)  # fmt: skip
+    if problems:
+        raise ManifestError(
+            f"model repo {name_or_path} fails its checksum manifest:\n  " + "\n  ".join(problems)
+        )
+
+
+def _warn_unchecked(what: str) -> None:
+    warnings.warn(
+        f"{what} has no {MANIFEST_FILENAME}: its weights cannot be checked for corruption "
+        f"(save_pretrained writes one; add it with topoflow.safety.write_manifest if you trust "
+        f"the files)",
+        stacklevel=3,
+    )
 
 
 class TopoFlowPreTrainedModel(PreTrainedModel):
@@ -275,6 +655,8 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TopoFlowBlock"]
     _supports_sdpa = True
     _supports_flex_attn = True
+    # H_scale in metres must stay exact under dtype=torch.bfloat16 (bf16 reads 1500 m as 1504).
+    _keep_in_fp32_modules_strict = ["H_scale"]
     # Functions fn(name) -> local folder or None, tried by `from_pretrained` before the Hub (e.g.
     # the packaged "topoflow-base"); registered by the `topoflow` library, empty for Hub users.
     _name_resolvers: ClassVar[list[Callable[[str], str | os.PathLike | None]]] = []
@@ -308,7 +690,7 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
         elif isinstance(module, TopoFlowAttention) and module.has_elevation_bias:
             init.constant_(module.elevation_alpha, self.config.elevation_alpha_init)
             init.constant_(module.H_scale, self.config.elevation_scale)
-        elif isinstance(module, nn.MultiheadAttention):
+        elif isinstance(module, TopoFlowVariableAggregation):
             init.xavier_uniform_(module.in_proj_weight)
             init.zeros_(module.in_proj_bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -360,8 +742,12 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
         cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
     ):
         path = cls.resolve_pretrained_name(pretrained_model_name_or_path)
+        if path is not None:
+            hub_kwargs = {key: kwargs[key] for key in _HUB_FILE_KWARGS if key in kwargs}
+            verify_pretrained_files(path, **hub_kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        check_finite_state_dict(model.state_dict(), where=f"model loaded from {path}")
         model._check_loaded(info, overrides=kwargs)
         return (model, info) if wants_info else model
 
@@ -386,7 +772,13 @@ class TopoFlowPreTrainedModel(PreTrainedModel):
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.update(_AUTO_MAP)
         self.config.auto_map = auto_map
+        # Refused before any file is written: a folder of NaN weights would only fail at load.
+        state_dict = kwargs.get("state_dict")
+        check_finite_state_dict(self.state_dict() if state_dict is None else state_dict,
+                                where=f"model {type(self).__name__} saved to {save_directory}")
         super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_manifest(save_directory)
 
 
 class TopoFlowModel(TopoFlowPreTrainedModel):
@@ -408,6 +800,7 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         variables: Sequence[str] | None = None,
+        output_attentions: bool | None = None,
     ) -> TopoFlowModelOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
@@ -418,7 +811,12 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
                 blocks are set and the inputs carry no `config.elevation_variable` channel; when
                 given it is used instead of that channel.
             variables: optional names of the `fields` channels, checked against `config.variables`.
+            output_attentions: return each block's (B, heads, N, N) attention probabilities (the
+                elevation bias included); computed with eager attention, so for moderate N.
         """
+        output_attentions = (
+            self.config.output_attentions if output_attentions is None else output_attentions
+        )
         output_hidden_states = (
             self.config.output_hidden_states
             if output_hidden_states is None
@@ -427,19 +825,29 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         lead_time_hours = self._check_inputs(fields, lead_time_hours, variables)
         elevation_m = self._patch_elevation(fields, elevation)
+        if self.config.elevation_input_masked:
+            # 0 is the channel's training mean: the embedding sees a flat world.
+            fields = fields.index_fill(1, torch.tensor([self.config.elevation_channel],
+                                                       device=fields.device), 0.0)
 
         hidden = self.embeddings(fields, lead_time_hours)  # (B, N, D)
         all_hidden = [hidden] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                hidden = self._gradient_checkpointing_func(block.__call__, hidden, elevation_m)
+                hidden, weights = self._gradient_checkpointing_func(
+                    block.__call__, hidden, elevation_m, output_attentions
+                )
             else:
-                hidden = block(hidden, elevation_m)
+                hidden, weights = block(hidden, elevation_m, output_attentions)
             if all_hidden is not None:
                 all_hidden.append(hidden)
+            if all_attentions is not None:
+                all_attentions.append(weights)
         output = TopoFlowModelOutput(
             last_hidden_state=self.norm(hidden),
             hidden_states=None if all_hidden is None else tuple(all_hidden),
+            attentions=None if all_attentions is None else tuple(all_attentions),
         )
         return output if return_dict else output.to_tuple()
 
@@ -462,7 +870,10 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
                 f"(batch, len(config.variables), *config.img_size), received "
                 f"{tuple(fields.shape)}."
             )
-        if not torch.isfinite(fields).all():
+        # Value checks need the data, which torch.export and torch.compile trace without
+        # (GuardOnDataDependentSymNode); compiled graphs skip them, as transformers' models do.
+        checking_values = not torch.compiler.is_compiling()
+        if checking_values and not torch.isfinite(fields).all():
             bad = sorted(
                 {config.variables[int(c)] for c in (~torch.isfinite(fields)).nonzero()[:, 1]}
             )
@@ -478,7 +889,7 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
                 f"lead_time_hours: expected shape ({fields.shape[0]},) or a scalar, received "
                 f"{tuple(lead.shape)}."
             )
-        if not (torch.isfinite(lead).all() and (lead > 0).all()):
+        if checking_values and not (torch.isfinite(lead).all() and (lead > 0).all()):
             raise ValueError(
                 f"lead_time_hours: expected finite values > 0 hours, received {lead.tolist()}."
             )
@@ -513,9 +924,13 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
                     f"{config.img_size[1]}) or {tuple(config.img_size)}, received "
                     f"{tuple(elevation.shape)}."
                 )
-            if not torch.isfinite(elevation).all():
+            if not torch.compiler.is_compiling() and not torch.isfinite(elevation).all():
                 raise ValueError("elevation: expected finite metres, received NaN/inf.")
-        return patch_mean_elevation(elevation, config.patch_size)
+        heights = patch_mean_elevation(elevation, config.patch_size)
+        if config.elevation_bias_placebo:
+            generator = None if self.training else torch.Generator().manual_seed(PLACEBO_EVAL_SEED)
+            heights = shuffle_patch_heights(heights, generator)
+        return heights
 
 
 class TopoFlowForForecasting(TopoFlowPreTrainedModel):
@@ -542,6 +957,15 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
             if key.startswith("head.")
         )
         if head_keys and not overrides.get("ignore_mismatched_sizes", False):
+            loaded_head = [key for key in self.state_dict() if key.startswith("head.")
+                           and key not in info["missing_keys"]]  # fmt: skip
+            if not loaded_head and not info["unexpected_keys"]:
+                raise ValueError(
+                    "The checkpoint has no prediction head (head.* keys): it is an encoder-only "
+                    "checkpoint (TopoFlowModel / AutoModel). Load it with TopoFlowModel, or train "
+                    "a head from it with TopoFlowForForecasting.from_pretrained(..., "
+                    "ignore_mismatched_sizes=True), which initializes the head at random."
+                )
             raise ValueError(
                 f"The checkpoint's prediction head does not match decoder_depth="
                 f"{self.config.decoder_depth} (missing or unexpected: {head_keys}); refusing to "
@@ -559,10 +983,12 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         variables: Sequence[str] | None = None,
+        output_attentions: bool | None = None,
     ) -> TopoFlowForecastOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
-            fields, lead_time_hours, elevation, variables: see `TopoFlowModel.forward`.
+            fields, lead_time_hours, elevation, variables, output_attentions: see
+                `TopoFlowModel.forward`.
             labels: `(B, V_out, H, W)` normalized targets in the order of `config.target_variables`,
                 NaN where missing.
             region_mask: `(B, H, W)` or `(H, W)` bool, cells that count in the loss (default: all).
@@ -571,7 +997,7 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         encoded = self.topoflow(
             fields, lead_time_hours, elevation=elevation, output_hidden_states=output_hidden_states,
-            return_dict=True, variables=variables,
+            return_dict=True, variables=variables, output_attentions=output_attentions,
         )  # fmt: skip
         forecast = self.unpatchify(self.head(encoded.last_hidden_state))  # (B, V_out, H, W)
         loss = per_sample_loss = num_valid = None
@@ -581,6 +1007,7 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
         output = TopoFlowForecastOutput(
             loss=loss, per_sample_loss=per_sample_loss, num_valid=num_valid, forecast=forecast,
             hidden_states=encoded.hidden_states, sample_ids=sample_ids,
+            attentions=encoded.attentions,
         )  # fmt: skip
         return output if return_dict else output.to_tuple()
 
@@ -637,6 +1064,9 @@ _AUTO_MAP = {
     "AutoModel": f"modeling_topoflow.{TopoFlowModel.__name__}",
     "AutoModelForTimeSeriesPrediction": f"modeling_topoflow.{TopoFlowForForecasting.__name__}",
 }
+
+# from_pretrained arguments that say where and how to fetch a Hub repo's files.
+_HUB_FILE_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
 
 # `save_pretrained` copies this file and configuration_topoflow.py next to the weights.
 TopoFlowModel.register_for_auto_class("AutoModel")

@@ -10,11 +10,15 @@ INSTALL_REQUIRES = [
     "torch>=2.5",
     "transformers>=5.0,<6",
     "accelerate>=1.10",
-    "datasets>=4.0",
+    # topoflow/data/streaming.py subclasses datasets.iterable_dataset.ExamplesIterable, which is
+    # not public API: allow only the major versions it was tested with.
+    "datasets>=4.0,<6",
     "safetensors>=0.4",
     "huggingface-hub>=1.0",
     "numpy>=1.26",
+    "scipy>=1.11",  # the seed-level and sample-level tests (topoflow.seed_stats, topoflow.stats)
     "pyarrow>=17",
+    "pyyaml>=5.1",
     "matplotlib>=3.8",
     "tensorboard>=2.15",
 ]
@@ -27,7 +31,6 @@ EXTRAS_REQUIRE = {
 }
 EXTRAS_REQUIRE["tests"] = [
     "pytest>=8",
-    "scipy>=1.11",  # reference implementation the statistics are checked against
     "ruff>=0.6",
     *EXTRAS_REQUIRE["caqra"],
     *EXTRAS_REQUIRE["hubserver"],
@@ -49,7 +52,8 @@ setup(
         "modeling_topoflow",
         "train_accelerate",
     ],
-    package_data={"topoflow": ["pretrained/*/*", "pretrained/*/*/*"]},
+    # Card templates and the packaged models are read at run time: a wheel must carry them.
+    package_data={"topoflow": ["hub_cards/*.md", "pretrained/*/*", "pretrained/*/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["topoflow=topoflow.cli:main"]},

@@ -33,10 +33,12 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     ProjectConfiguration,
+    broadcast_object_list,
     set_seed,
 )
 from transformers import get_cosine_schedule_with_warmup
 
+from topoflow.corpus.schema import CorpusError
 from topoflow.training.args import parse_args
 from topoflow.training.checkpoints import (
     CheckpointError,
@@ -64,6 +66,7 @@ from topoflow.training.report import (
     write_history_csv,
     write_report,
 )
+from topoflow.training.run_lock import OutputDirBusy, OutputDirLock, not_written_by_a_run
 
 __all__ = ["OutputDirError", "main", "previous_run_outputs", "train"]
 
@@ -76,7 +79,19 @@ RUN_OUTPUTS = (RUN_INFO, "report.json", "report.md", VAL_CSV, TRAIN_CSV, CURVE_P
 # Arguments that must not change across a resume, or the resumed run is another experiment.
 RESUME_INVARIANTS = ("model", "from_scratch", "config", "corpus", "corpus_size", "train_split",
                      "batch_size", "gradient_accumulation_steps", "seed", "elevation_blocks",
-                     "trainable", "learning_rate", "weight_decay", "no_shuffle")
+                     "trainable", "learning_rate", "weight_decay", "no_shuffle",
+                     # the model (a changed direction or H_scale would switch it mid-run)
+                     "revision", "elevation_scale", "alpha_init", "elevation_direction",
+                     # the schedule (a new --max-steps or warmup reshapes the learning rate)
+                     "alpha_learning_rate", "warmup_steps", "max_grad_norm", "epochs",
+                     "max_steps", "mixed_precision",
+                     # the evaluation the verdict compares (step 0 against the final loss)
+                     "eval_split", "eval_batches", "eval_batch_size")
+
+
+# The process that started this one (accelerate launch, torchrun's agent, a shell). When it is
+# killed, this process is re-parented; it then stops instead of training on unobserved.
+LAUNCHER_PID = os.getppid()
 
 
 class OutputDirError(FileExistsError):
@@ -116,7 +131,8 @@ def _multi_process_without_gpu() -> bool:
 
 def previous_run_outputs(output_dir: Path, *, resuming: bool, overwrite: bool) -> list[str]:
     """Outputs of an earlier run in `output_dir` that --overwrite will remove; raise
-    OutputDirError when there are some and the user neither resumes nor overwrites."""
+    OutputDirError when there are some and the user neither resumes nor overwrites, or when
+    --overwrite would remove something no run wrote."""
     previous = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
     if previous and not resuming and not overwrite:
         raise OutputDirError(
@@ -124,12 +140,34 @@ def previous_run_outputs(output_dir: Path, *, resuming: bool, overwrite: bool) -
             "--overwrite to replace it, --resume-from-checkpoint latest to continue it, or "
             "choose another --output-dir"
         )
-    return [] if resuming else previous
+    if resuming or not previous:
+        return []
+    foreign = [] if (output_dir / RUN_INFO).is_file() else [
+        f"{name} (no {RUN_INFO}: the folder does not hold a run)" for name in previous]
+    for name in previous:
+        foreign += not_written_by_a_run(output_dir / name)
+    if foreign:
+        raise OutputDirError(
+            f"--overwrite: --output-dir {output_dir} holds files no run wrote ({foreign[:5]}); "
+            "nothing was deleted: move them out or choose another --output-dir"
+        )
+    return previous
 
 
-def prepare_output_dir(args: Any, accelerator: Accelerator) -> Path:
-    """Refuse to mix two runs in one folder; every rank checks before the main rank writes."""
+def prepare_output_dir(args: Any, accelerator: Accelerator) -> tuple[Path, OutputDirLock | None]:
+    """Take the output folder's lock (main process), then refuse to mix two runs in one folder;
+    every rank learns the outcome before the main rank deletes or writes anything."""
     output_dir = Path(args.output_dir)
+    lock, problem = None, None
+    if accelerator.is_main_process:
+        lock = OutputDirLock(output_dir)
+        try:
+            lock.acquire()
+        except OutputDirBusy as err:
+            problem = str(err)
+    problem = broadcast_object_list([problem])[0]
+    if problem is not None:
+        raise OutputDirError(problem)
     stale = previous_run_outputs(output_dir, resuming=bool(args.resume_from_checkpoint),
                                  overwrite=args.overwrite)
     accelerator.wait_for_everyone()
@@ -139,7 +177,7 @@ def prepare_output_dir(args: Any, accelerator: Accelerator) -> Path:
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    return output_dir
+    return output_dir, lock
 
 
 def resolve_corpus(args: Any, accelerator: Accelerator) -> Path:
@@ -164,11 +202,18 @@ def load_model(args: Any, meta: Any, accelerator: Accelerator) -> tuple[Any, Loa
         "attn_implementation": args.attn_implementation}
     if args.elevation_direction is not None:
         extra["elevation_bias_direction"] = args.elevation_direction
+    # The issue-14 ablation arms; set only when asked, so other runs' configs stay as they were.
+    ablations = {key: True for key, wanted in (
+        ("elevation_bias_placebo", args.elevation_placebo),
+        ("elevation_input_masked", args.mask_elevation_input)) if wanted}
+    extra.update(ablations)
     if args.from_scratch:
         config = build_from_scratch_config(
             args.config, meta, elevation_blocks=args.elevation_blocks,
             elevation_scale=args.elevation_scale, alpha_init=args.alpha_init,
             elevation_direction=args.elevation_direction)
+        for key, value in ablations.items():
+            setattr(config, key, value)
         model = TopoFlowForForecasting(config)
         if args.attn_implementation is not None:
             model.set_attn_implementation(args.attn_implementation)
@@ -233,6 +278,12 @@ class TrainerState:
         self.val_history: list[dict[str, Any]] = []
         self.step0_full: dict[str, Any] | None = None
         self.empty_batches = 0
+        # The full-split evaluation after the last step, kept so that a run resumed from the
+        # checkpoint written after it reports it instead of evaluating (and logging) it twice.
+        self.final_eval: dict[str, Any] | None = None
+        # Content hash of the corpus metadata (it lists every shard's sha256): a corpus rebuilt
+        # in place with other data must not be resumed on.
+        self.corpus_fingerprint: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -256,6 +307,11 @@ def run_eval(model: Any, eval_dl: Any, accelerator: Accelerator, state: TrainerS
                     step=state.global_step)
     accelerator.print(f"step {state.global_step}: {'full ' if result.full else ''}val loss "
                       f"{result.loss:.6f} on {result.n_samples} samples")
+    if not math.isfinite(result.loss):
+        # Every rank holds the same all-reduced loss, so all ranks stop together.
+        raise TrainingAborted(f"step {state.global_step}: the validation loss is {result.loss} "
+                              f"on {result.n_samples} samples ({result.n_cells} valid cells); "
+                              "a run whose evaluation is not finite cannot be judged")
     return result
 
 
@@ -319,8 +375,17 @@ def next_group(iterator: Any, size: int, accelerator: Accelerator) -> list | Non
         if batch is None:
             break
         group.append(batch)
-    complete = torch.tensor([1.0 if len(group) == size else 0.0], device=accelerator.device)
-    if accelerator.reduce(complete, reduction="sum").item() < accelerator.num_processes:
+    # One all-reduce carries both verdicts, so every rank stops at the same step.
+    orphaned = os.getppid() != LAUNCHER_PID
+    local = torch.tensor([1.0 if len(group) == size else 0.0, float(orphaned)],
+                         device=accelerator.device)
+    complete, orphans = accelerator.reduce(local, reduction="sum").tolist()
+    if orphans > 0:
+        raise TrainingAborted(
+            f"the process that launched this run (pid {LAUNCHER_PID}, e.g. accelerate launch) is "
+            "gone; stopping so that no orphaned worker keeps writing to --output-dir (continue "
+            "with --resume-from-checkpoint latest)")
+    if complete < accelerator.num_processes:
         return None
     return group
 
@@ -339,17 +404,16 @@ def log_sample_ids(output_dir: Path, accelerator: Accelerator, state: TrainerSta
 def save_final_model(model: Any, accelerator: Accelerator, output_dir: Path) -> Path:
     """save_pretrained (safetensors, remote code, config with statistics) + SHA256SUMS, atomically,
     from the main process; the full state dict is gathered collectively first (FSDP)."""
-    from topoflow.safety import check_finite_state_dict, refuse_pickle_files, write_manifest
+    from topoflow.safety import refuse_pickle_files
 
     state_dict = accelerator.get_state_dict(model)
     final = output_dir / "model"
     if accelerator.is_main_process:
-        check_finite_state_dict(state_dict, where="final model")
         tmp = output_dir / ".tmp-model"
         shutil.rmtree(tmp, ignore_errors=True)
+        # save_pretrained refuses NaN/Inf weights before writing and writes SHA256SUMS.
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
         refuse_pickle_files(tmp)
-        write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()
@@ -372,11 +436,28 @@ def checkpoint(accelerator: Accelerator, model: Any, output_dir: Path, state: Tr
 
 
 def check_resume_args(saved: dict[str, Any], args: Any, path: Path) -> None:
-    changed = [k for k in RESUME_INVARIANTS if k in saved and saved[k] != getattr(args, k)]
-    if changed:
+    missing = [k for k in RESUME_INVARIANTS if k not in saved]
+    if missing:
         raise CheckpointError(
-            f"checkpoint {path} was written with other settings for {changed} "
-            f"({ {k: saved[k] for k in changed} }); resume with the same settings")
+            f"checkpoint {path} does not record the settings {missing} (written by an older "
+            "train_accelerate.py); a resume cannot be checked against them, start a new run")
+    changed = [k for k in RESUME_INVARIANTS if saved[k] != getattr(args, k)]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(args, k)!r})"
+                          for k in changed)
+        raise CheckpointError(
+            f"checkpoint {path} was written with other settings: {flags}; resume with the same "
+            "settings or start a new run")
+
+
+def check_resume_corpus(saved: dict[str, Any], fingerprint: str, corpus: Path,
+                        path: Path) -> None:
+    """The corpus must hold the bytes the checkpoint was trained on, wherever it lies now."""
+    if saved.get("corpus_fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on other corpus content than {corpus} holds now "
+            f"(metadata sha256 {str(saved.get('corpus_fingerprint'))[:12]}... then, "
+            f"{fingerprint[:12]}... now: rebuilt or changed in place); resume on the same corpus")
 
 
 def train(args: Any) -> dict[str, Any] | None:
@@ -388,13 +469,14 @@ def train(args: Any) -> dict[str, Any] | None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Accelerate logs every file of every save at INFO; keep the console for the training story.
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    output_dir = prepare_output_dir(args, accelerator)
+    output_dir, _lock = prepare_output_dir(args, accelerator)  # held until this process exits
     set_seed(args.seed)
     corpus = resolve_corpus(args, accelerator)
     from topoflow.corpus import CorpusMetadata
     from topoflow.data import check_world_size, make_forecast_dataset
 
     meta = CorpusMetadata.load(corpus)
+    fingerprint = meta.fingerprint()
     model, loading, new_keys = load_model(args, meta, accelerator)
     for line in loading.lines():
         accelerator.print(f"loading report: {line}")
@@ -437,11 +519,13 @@ def train(args: Any) -> dict[str, Any] | None:
     collator.bind(train_dl.dataset)
 
     state, guard = TrainerState(), NonFiniteGuard(args.max_nonfinite_steps)
+    state.corpus_fingerprint = fingerprint
     resume_state = None
     if args.resume_from_checkpoint:
         path = resolve_checkpoint(args.resume_from_checkpoint, output_dir / "checkpoints")
         saved, data_state = load_checkpoint(accelerator, path)
         check_resume_args(saved.get("args", {}), args, path)
+        check_resume_corpus(saved, fingerprint, corpus, path)
         state.load(saved)
         guard.load_state_dict(saved["guard"])
         resume_state = data_state["dataset_state"]
@@ -463,9 +547,10 @@ def train(args: Any) -> dict[str, Any] | None:
 
     progress = None
     if accelerator.is_main_process and not args.no_progress_bar:
-        from tqdm.auto import tqdm
+        from topoflow.training.progress import TrainingProgress
 
-        progress = tqdm(total=total_steps, initial=state.global_step, desc="training")
+        # A bar on a terminal, periodic lines in a log (SLURM, CI, nohup).
+        progress = TrainingProgress(total_steps, state.global_step)
     model.train()
     last_saved = state.global_step if args.resume_from_checkpoint else -1
     first_step, stopping = state.global_step, False
@@ -497,8 +582,7 @@ def train(args: Any) -> dict[str, Any] | None:
                              **{f"alpha/block{b}": v for b, v in record["alpha"].items()}},
                             step=state.global_step)
             if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                progress.update(state.global_step, record["loss"], record["lr"])
             if state.global_step % args.eval_every == 0:
                 run_eval(model, eval_dl, accelerator, state, args.eval_batches, eval_stride)
             if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
@@ -528,9 +612,13 @@ def train(args: Any) -> dict[str, Any] | None:
         accelerator.end_training()
         return None
 
-    if state.val_history[-1]["step"] != state.global_step:
-        run_eval(model, eval_dl, accelerator, state, args.eval_batches, eval_stride)
-    final = run_eval(model, eval_dl, accelerator, state, 0)
+    if state.final_eval is None:
+        if state.val_history[-1]["step"] != state.global_step:
+            run_eval(model, eval_dl, accelerator, state, args.eval_batches, eval_stride)
+        final = run_eval(model, eval_dl, accelerator, state, 0)
+        state.final_eval = final.as_dict()
+    else:  # resumed from the checkpoint written after the final evaluation
+        final = EvalResult(**state.final_eval)
     if last_saved != state.global_step:
         checkpoint(accelerator, model, output_dir, state, guard, position, args)
     model_dir = save_final_model(model, accelerator, output_dir)
@@ -558,6 +646,8 @@ def build_report(args: Any, accelerator: Accelerator, model: Any, state: Trainer
             "elevation_blocks": args.elevation_blocks, "elevation_scale": args.elevation_scale,
             "alpha_init": args.alpha_init, "trainable": args.trainable,
             "elevation_direction": config.elevation_bias_direction,
+            "elevation_placebo": config.elevation_bias_placebo,
+            "elevation_input_masked": config.elevation_input_masked,
             "alpha_learning_rate": alpha_learning_rate(args, config),
             "steps": state.global_step, "planned_steps": total_steps, "epochs_started":
             state.epoch + 1, "world_size": accelerator.num_processes,
@@ -588,7 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = train(args)
-    except (MissingKeysError, CheckpointError, OutputDirError, TrainingAborted) as err:
+    except (MissingKeysError, CheckpointError, OutputDirError, TrainingAborted,
+            CorpusError) as err:
         print(f"train_accelerate.py: error: {err}", file=sys.stderr)
         return 2
     if report is not None and int(os.environ.get("RANK", "0")) == 0:

@@ -41,3 +41,14 @@ def test_embedded_corpus_card_license(tiny_corpus: Path) -> None:
     assert card.data.license == "apache-2.0"
     assert DatasetCard(str(card)).data.configs == card.data.configs
     assert "sichuan_basin" in str(card)
+
+
+def test_usage_snippet_names_a_folder_or_a_hub_id_never_a_bare_name(tiny_corpus: Path) -> None:
+    meta = CorpusMetadata.load(tiny_corpus)
+    local = str(render_dataset_card(meta))
+    # A bare name such as "topoflow-tiny" is neither a path nor an org/name repo id.
+    assert f'"{meta.name}"' not in local
+    assert f'corpus = "path/to/{meta.name}"' in local
+    pushed = str(render_dataset_card(meta, repo_or_path="org/topoflow-tiny"))
+    assert 'corpus = "org/topoflow-tiny"' in pushed
+    assert "load_dataset(corpus," in pushed

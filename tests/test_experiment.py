@@ -2,7 +2,7 @@
 
 One baseline (trained from scratch for a few steps) is shared; the experiments fine-tune it for
 3 steps per arm and seed, so the numbers mean nothing, but every file of the report must be there
-and the statistics must behave: identical arms give exactly no difference.
+and the statistics must behave: identical arms are equivalent, never better or worse.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from topoflow.experiment import load_evaluation, main
+from topoflow.seed_stats import format_percent
 
 STEPS = ["--max-steps", "3", "--batch-size", "4", "--eval-every", "2", "--eval-batches", "1",
          "--launcher", "inprocess", "--n-boot", "200", "--eval-batch-size", "16"]
@@ -79,10 +80,22 @@ def test_two_arms_two_seeds_write_a_complete_report(experiment: Path) -> None:
     assert sorted((r["arm"], r["seed"]) for r in report["runs"]) == [
         ("control", 0), ("control", 1), ("topoflow", 0), ("topoflow", 1)]
     comparison = report["comparisons"]["topoflow"]
-    boot = comparison["verdict"]["bootstrap"]
+    verdict = comparison["verdict"]
+    assert verdict["seeds"] == [0, 1] and len(verdict["gain_per_seed"]) == 2
+    assert verdict["verdict"] in ("better", "worse", "equivalent", "inconclusive")
+    lo, hi = verdict["interval_95"]
+    assert lo <= verdict["mean_gain"] <= hi
+    assert lo <= min(verdict["bootstrap"]["interval_95"][0], verdict["t_interval_95"][0])
+    assert verdict["margin"] == 0.01 and verdict["mde"] is not None
+    boot = comparison["sample_level"]["bootstrap"]
     assert boot["ci"][0] <= boot["mean_reduction"] <= boot["ci"][1]
-    assert 0.0 <= comparison["verdict"]["wilcoxon_block_means"]["pvalue"] <= 1.0
-    assert comparison["verdict"]["seeds"]["seeds"] == [0, 1]
+    assert 0.0 <= comparison["sample_level"]["wilcoxon_block_means"]["pvalue"] <= 1.0
+    # The per-sample losses of every arm x seed are kept beside the report for re-scoring.
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(report_dir / "per_seed_losses.safetensors"))
+    assert set(stored) == {f"{arm}/seed{s}/{k}" for arm in ("control", "topoflow")
+                           for s in (0, 1) for k in ("sample_ids", "loss")}
     # 6 pollutants x the tiny corpus's lead times, each with an interval.
     leads = report["scores"]["control"]["lead_times_hours"]
     assert len(comparison["gains_by_variable_and_lead"]) == 6 * len(leads)
@@ -97,7 +110,7 @@ def test_two_arms_two_seeds_write_a_complete_report(experiment: Path) -> None:
     assert {"val_loss_curves.png", "gain_map_topoflow.png", "gain_bars_topoflow.png",
             "attention_bias_topoflow.png"} <= names
     md = (report_dir / "report.md").read_text()
-    for heading in ("## Verdict: topoflow vs control", "### Seed-to-seed spread",
+    for heading in ("## Verdict: topoflow vs control", "### Per seed", "### Sample-level view",
                     "### Per pollutant and lead time", "| elevation band |", "| region |",
                     "## Learned elevation alpha", "## Figures"):
         assert heading in md
@@ -157,32 +170,37 @@ def test_runs_share_data_order_across_arms(experiment: Path) -> None:
     assert order("control", 0) != order("control", 1)
 
 
-def test_identical_arms_report_no_significant_difference(baseline: Path, tiny_corpus: Path,
-                                                          tmp_path: Path) -> None:
+def test_identical_arms_are_never_better_or_worse(baseline: Path, tiny_corpus: Path,
+                                                   tmp_path: Path) -> None:
+    """Two arms with the same recipe, trained for real: every seed gives exactly the same loss,
+    so the verdict is 'equivalent', never 'better' or 'worse'."""
     out = tmp_path / "twins"
     code = main(["--output-dir", str(out), "--model", str(baseline), "--corpus", str(tiny_corpus),
-                 "--arms", "control", "twin:blocks=none", "--seeds", "0", "--no-climatology",
+                 "--arms", "control", "twin:blocks=none", "--seeds", "0", "1", "--no-climatology",
                  "--eval-init-stride", "2", *STEPS])
     assert code == 0
     report = json.loads((out / "report" / "report.json").read_text())
     verdict = report["comparisons"]["twin"]["verdict"]
-    assert verdict["significant"] is False
-    assert verdict["direction"] == "no significant difference"
-    assert verdict["bootstrap"]["mean_reduction"] == 0.0
-    assert "No significant difference" in (out / "report" / "report.md").read_text()
+    assert verdict["gain_per_seed"] == [0.0, 0.0]
+    assert verdict["verdict"] == "equivalent" and verdict["difference_detected"] is False
+    assert report["comparisons"]["twin"]["sample_level"]["bootstrap"]["mean_reduction"] == 0.0
+    md = (out / "report" / "report.md").read_text()
+    assert "**Verdict (equivalent, training seed as the unit):** Equivalent within +/-1%" in md
     # Without the training-split references only persistence is scored, and said so.
     assert list(report["test_loss"]) == ["control", "twin", "reference: persistence"]
     assert report["scores"]["control"]["variables"]["o3"]["all"]["skill_climatology"] is None
 
 
 def test_finished_runs_are_adopted_without_training(experiment: Path, tiny_corpus: Path,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
     runs = [f"{arm}:{seed}={experiment / 'runs' / arm / f'seed{seed}'}"
             for arm in ("control", "topoflow") for seed in (0, 1)]
     out = tmp_path / "adopted"
     # The scores of these exact run folders are reused (same models, split and options).
     shutil.copytree(experiment / "eval", out / "eval")
-    argv = ["--output-dir", str(out), "--corpus", str(tiny_corpus), "--n-boot", "200"]
+    argv = ["--output-dir", str(out), "--corpus", str(tiny_corpus), "--n-boot", "200",
+            "--pilot", "--target-mde", "0.005"]
     for run in runs:
         argv += ["--run", run]
     assert main(argv) == 0
@@ -190,8 +208,23 @@ def test_finished_runs_are_adopted_without_training(experiment: Path, tiny_corpu
     adopted = json.loads((out / "report" / "report.json").read_text())
     original = json.loads((experiment / "report" / "report.json").read_text())
     assert all(r["adopted"] for r in adopted["runs"])
-    assert (adopted["comparisons"]["topoflow"]["verdict"]["bootstrap"]["mean_reduction"]
-            == original["comparisons"]["topoflow"]["verdict"]["bootstrap"]["mean_reduction"])
+    assert (adopted["comparisons"]["topoflow"]["verdict"]["gain_per_seed"]
+            == original["comparisons"]["topoflow"]["verdict"]["gain_per_seed"])
+    # Pilot mode: the seeds needed for the target are printed and the report says it is a pilot.
+    verdict = adopted["comparisons"]["topoflow"]["verdict"]
+    assert verdict["target_mde"] == 0.005
+    printed = capsys.readouterr().out
+    sd = format_percent(verdict["sd_gain"], sign=False)
+    assert f"pilot: topoflow: per-seed change sd {sd}" in printed
+    assert f"{verdict['seeds_needed']} seeds reach 0.5% at 80% power" in printed
+    assert "**Pilot:** this run sizes the experiment" in (out / "report" / "report.md").read_text()
+
+
+def test_bad_margin_is_refused_naming_the_flag(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output-dir", "unused", "--margin", "5"])
+    assert exit_info.value.code == 2
+    assert "--margin is a fraction of the loss in (0, 1)" in capsys.readouterr().err
 
 
 def test_control_missing_is_a_clear_error(baseline: Path, tiny_corpus: Path, tmp_path: Path,

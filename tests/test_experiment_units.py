@@ -38,7 +38,8 @@ def test_known_arms_and_specs_give_training_arguments() -> None:
 
 @pytest.mark.parametrize("text, message", [
     ("topoflw", "unknown arm 'topoflw'"),
-    ("x:blocks=0;height=3", "keys ['alpha', 'blocks', 'direction', 'scale', 'trainable']"),
+    ("x:blocks=0;height=3", "keys ['alpha', 'blocks', 'direction', 'mask_input', 'placebo', "
+                            "'scale', 'trainable']"),
     ("x:scale=high", "could not convert"),
 ])
 def test_bad_arm_names_and_specs_are_refused(text: str, message: str) -> None:
@@ -135,12 +136,15 @@ def _compare(evals: dict):
 
 def test_planted_gain_is_detected_with_an_interval_around_it() -> None:
     result = _compare(_arms(effect=0.05))
-    boot = result.verdict.bootstrap
-    assert result.verdict.significant and result.verdict.direction == "arm better"
-    assert boot.relative_gain_ci[0] < 0.05 < boot.relative_gain_ci[1] + 0.005
-    assert result.verdict.wilcoxon_block_means.pvalue < 0.01
+    verdict = result.verdict
+    assert verdict.verdict == "better" and verdict.seeds == [0, 1, 2]
+    lo, hi = verdict.interval_95
+    assert lo < 0.05 < hi + 0.005 and lo > 0.04
+    assert verdict.t_pvalue < 0.01 and verdict.bootstrap is not None
+    view = result.sample_level
+    assert view.interval_excludes_zero and view.wilcoxon_block_means.pvalue < 0.01
+    assert view.bootstrap.relative_gain_ci[0] < 0.05 < view.bootstrap.relative_gain_ci[1] + 0.005
     assert all(g["ci_low"] > 0 for g in result.gains)
-    assert result.verdict.seeds.t_pvalue is not None and result.verdict.seeds.t_pvalue < 0.05
     # Region rows: RMSE gain 1 - sqrt(0.95) everywhere the synthetic cells have data.
     gains = [r["gain"] for r in result.regions["region"] if r["gain"] is not None]
     assert np.allclose(gains, 1 - np.sqrt(0.95))
@@ -151,9 +155,10 @@ def test_identical_arms_give_no_difference() -> None:
     evals = _arms(effect=0.0)
     evals["arm"] = evals["control"]
     result = _compare(evals)
-    assert not result.verdict.significant
-    assert result.verdict.bootstrap.mean_reduction == 0.0
-    assert result.verdict.wilcoxon_block_means.pvalue == 1.0
+    assert result.verdict.verdict == "equivalent" and not result.verdict.difference_detected
+    assert result.verdict.mean_gain == 0.0 and result.verdict.interval_95 == (0.0, 0.0)
+    assert result.sample_level.bootstrap.mean_reduction == 0.0
+    assert result.sample_level.wilcoxon_block_means.pvalue == 1.0
     assert all(g["gain"] == 0.0 for g in result.gains)
 
 

@@ -25,6 +25,7 @@ from topoflow.safety import (
     NonFiniteWeightsError,
     PickleFileError,
     verify_model_folder,
+    write_manifest,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +167,7 @@ def test_nan_weights_in_the_run_are_refused_and_nothing_is_written(
     key = next(k for k in weights if k.endswith("head.0.weight"))
     weights[key][0, 0] = float("nan")
     save_file(weights, weights_path, metadata={"format": "pt"})
+    write_manifest(run_dir / "model")  # NaN weights with a matching manifest: still refused
     with pytest.raises(NonFiniteWeightsError, match=key.replace(".", r"\.")):
         _export(run_dir, tmp_path / "export")
     assert not (tmp_path / "export").exists()
@@ -339,6 +341,8 @@ def test_export_into_the_package_loads_by_short_name(
     monkeypatch.chdir(tmp_path)
     folder = export_run(tmp_path / "run", packaged / "topoflow-base", repo_id="acme/topoflow-base")
     assert 'from_pretrained("topoflow-base")' in (folder / "README.md").read_text()
+    # The package's own classes load it: no copy of the Hub code goes into the package.
+    assert not list(folder.glob("*.py"))
     loaded = TopoFlowForForecasting.from_pretrained("topoflow-base")
     with torch.no_grad():
         expected = model(batch["fields"], batch["lead_time_hours"]).forecast

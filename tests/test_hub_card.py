@@ -59,7 +59,12 @@ def test_card_metadata_and_model_index_equal_the_report(tmp_path: Path) -> None:
     loaded, text = _render_and_reload(tmp_path, report)
     assert loaded.data.library_name == "transformers"
     assert {"topoflow", "air-quality", "synthetic-data"} <= set(loaded.data.tags)
-    assert loaded.data.datasets == ["topoflow-embedded-default"]
+    # A local corpus name is not a Hub dataset id: it stays out of `datasets:` (the model-index
+    # still names it as the dataset type); an org/name id goes in.
+    assert loaded.data.datasets is None
+    assert loaded.data.eval_results[0].dataset_type == "topoflow-embedded-default"
+    hub_card, _ = _render_and_reload(tmp_path, report, dataset_id="org/topoflow-corpus")
+    assert hub_card.data.datasets == ["org/topoflow-corpus"]
     assert loaded.data.metrics == sorted({"rmse", "mae", "bias", "skill_persistence"})
     expected = _expected_scores(report)
     # every pollutant x lead x published score, with the report's exact float value

@@ -192,8 +192,9 @@ def test_from_pretrained_checks_a_local_folder_manifest_weights_and_pickles(
     with pytest.raises(ManifestError, match="model.safetensors: sha256 differs"):
         TopoFlowForForecasting.from_pretrained(with_manifest)
 
-    plain = tmp_path / "plain"  # plain save_pretrained: no manifest, still checked for NaN
+    plain = tmp_path / "plain"  # a folder without manifest: still checked for NaN
     model.save_pretrained(plain)
+    (plain / "SHA256SUMS").unlink()
     state = load_file(plain / "model.safetensors")
     key = next(k for k in state if k.endswith("attn.elevation_alpha"))
     state[key] = torch.full_like(state[key], float("nan"))

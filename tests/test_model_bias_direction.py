@@ -36,7 +36,7 @@ def test_direction_chooses_which_source_is_penalized(direction, penalized):
         attention.proj.weight[:2, :2] = torch.eye(2)
         hidden[0, 0, 0] = 1.0
         hidden[0, 1, 1] = 1.0
-        weights = attention(hidden, elevation)[0, :, :2]  # row i = attention of query i
+        weights = attention(hidden, elevation)[0][0, :, :2]  # row i = attention of query i
     receiver, source = penalized
     low = torch.tensor(1.0).exp()
     expected_penalized = 1.0 / (1.0 + low)  # exp(-1) / (exp(-1) + exp(0))

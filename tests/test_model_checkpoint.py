@@ -16,6 +16,7 @@ from modeling_topoflow import (
     TopoFlowForForecasting,
     TopoFlowModel,
     sincos_position_embedding_2d,
+    write_manifest,
 )
 from tests.fixtures_model import make_tiny_batch, make_tiny_config
 
@@ -112,6 +113,7 @@ def test_partial_load_initializes_every_missing_tensor(tmp_path):
         tmp_path / "model.safetensors",
         metadata={"format": "pt"},
     )
+    write_manifest(tmp_path)  # the edited folder is the one meant to load
     loaded, info = TopoFlowForForecasting.from_pretrained(tmp_path, output_loading_info=True)
 
     assert set(info["missing_keys"]) == dropped

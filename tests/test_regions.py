@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
+from topoflow.corpus.schema import CorpusError
 from topoflow.figures import (
     default_query_patch,
     elevation_bias_row,
@@ -111,17 +112,25 @@ def test_load_region_mask_from_npy_and_safetensors(tmp_path):
         load_region_mask(tmp_path / "missing.npy")
 
 
-def test_regions_from_corpus_reads_static_and_metadata(tmp_path):
-    codes = np.array([[3, 5], [5, 2]], dtype=np.int32)
-    save_file(
-        {"region_id": codes, "elevation": np.zeros((2, 2), np.float32)},
-        str(tmp_path / "static.safetensors"),
-    )
-    meta = {"regions": {"2": "northern_plain", "3": "sichuan_basin", "5": "plateau"}}
-    (tmp_path / "topoflow_corpus.json").write_text(json.dumps(meta))
-    region_id, names = regions_from_corpus(tmp_path)
-    assert region_id.tolist() == codes.tolist()
-    assert names[3] == "sichuan_basin" and set(names) == {2, 3, 5}
+def test_regions_from_corpus_reads_static_and_metadata(synthetic_corpus):
+    region_id, names = regions_from_corpus(synthetic_corpus)
+    # The synthetic corpus marks its eastern column as sea (code 0), the rest land (code 1).
+    assert region_id[:, -1].tolist() == [0] * region_id.shape[0]
+    assert (region_id[:, :-1] == 1).all()
+    assert names == {0: "sea", 1: "land"}
+
+
+def test_regions_from_corpus_refuses_a_flipped_static_byte(synthetic_corpus, tmp_path):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(synthetic_corpus, corpus)
+    static = corpus / "static.safetensors"
+    data = bytearray(static.read_bytes())
+    data[-1] ^= 0x01
+    static.write_bytes(bytes(data))
+    with pytest.raises(CorpusError, match="static.safetensors: sha256"):
+        regions_from_corpus(corpus)
 
 
 def test_bias_row_follows_the_design_formula():

@@ -26,8 +26,9 @@ SCRIPT = str(REPO / "train_accelerate.py")
 TINY_CONFIG = {"patch_size": 2, "embed_dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0,
                "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.1}
 STEPS = 6
-RUN_FILES = ("checkpoints", "debug", "model", "report.json", "report.md", "run_info.json",
-             "train_log.csv", "val_loss.csv", "val_loss_curve.png")
+# The lock file stays after a run: it is the flock target, and removing it would race a waiter.
+RUN_FILES = (".topoflow-run.lock", "checkpoints", "debug", "model", "report.json", "report.md",
+             "run_info.json", "train_log.csv", "val_loss.csv", "val_loss_curve.png")
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -139,10 +139,11 @@ def test_unknown_model_name_and_missing_corpus_are_clear_errors(tmp_path):
 
 def test_output_dir_holding_another_run_is_refused(tmp_path):
     (tmp_path / "report.json").write_text("{}")
+    (tmp_path / "run_info.json").write_text("{}")
     with pytest.raises(train_accelerate.OutputDirError, match="holds another run"):
         train_accelerate.previous_run_outputs(tmp_path, resuming=False, overwrite=False)
     assert train_accelerate.previous_run_outputs(tmp_path, resuming=False, overwrite=True) == [
-        "report.json"]
+        "run_info.json", "report.json"]
     assert train_accelerate.previous_run_outputs(tmp_path, resuming=True, overwrite=False) == []
     assert train_accelerate.previous_run_outputs(tmp_path / "new", resuming=False,
                                                  overwrite=False) == []

@@ -17,7 +17,7 @@ __all__ = ["SUBCOMMANDS", "main"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "build-corpus": ("topoflow.corpus.build", "build the embedded default corpus (cached)"),
     "convert-caqra": ("topoflow.corpus.caqra", "convert CAQRA-style Zarr/NetCDF into a corpus"),
-    "convert-climax": ("topoflow.convert_climax", "convert a ClimaX Lightning checkpoint"),
+    "convert-climax": ("topoflow.convert_climax", "convert a ClimaX or TopoFlow-paper checkpoint"),
     "experiment": ("topoflow.experiment", "controlled experiment: does the elevation bias help?"),
     "export": ("topoflow.export", "turn a training run into a Hub model repo, and push it"),
     "references": ("topoflow.score_references", "scores of the reference forecasts on a split"),

@@ -1,4 +1,4 @@
-"""Convert a ClimaX PyTorch Lightning checkpoint into a TopoFlow model folder (safetensors).
+"""Convert a ClimaX or TopoFlow-paper Lightning checkpoint into a TopoFlow model folder.
 
     python -m topoflow.convert_climax climax.ckpt out_folder --config config.json \
         --climax-variables u,v,temp,...
@@ -7,8 +7,15 @@ ClimaX (microsoft/ClimaX, src/climax/arch.py) names its tensors `token_embeds.<i
 timm PatchEmbed per variable) or `token_embeds.proj_weights/proj_biases` (grouped), `var_embed`,
 `var_query`, `var_agg.*`, `pos_embed`, `lead_time_embed.*`, `blocks.<i>.*` (timm Block), `norm.*`
 and `head.<k>.*`; a Lightning checkpoint holds them under `state_dict` with a `net.` (or `climax.`)
-prefix. Its head predicts every ClimaX variable; the rows of the targets are kept. The checkpoint is
-read with `torch.load(weights_only=True)` only: no pickled code is ever executed.
+prefix. Its head predicts every ClimaX variable; the rows of the targets are kept. Released
+checkpoints (`channel_*` names) and the TopoFlow paper code's checkpoints are first read under these
+names (topoflow/convert_sources.py). The checkpoint is read with `torch.load(weights_only=True)`
+only: no pickled code is ever executed.
+
+No weight is ever left silently random: source keys that cannot be converted exactly are refused,
+and model keys the source does not provide are refused too unless `--allow-missing`, which leaves
+them out of the weights file so that `from_pretrained` reports them missing (and
+train_accelerate.py refuses them like any other missing key).
 """
 
 from __future__ import annotations
@@ -18,24 +25,34 @@ import json
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from configuration_topoflow import TopoFlowConfig
 from modeling_topoflow import TopoFlowForForecasting
+from topoflow.convert_report import REPORT_FILENAME, ConversionReport
+from topoflow.convert_sources import read_source_keys, recorded_variables
+from topoflow.safety import check_finite_state_dict, refuse_pickle_files
 
 __all__ = [
+    "REPORT_FILENAME",
     "ConversionReport",
     "convert_climax_checkpoint",
     "convert_climax_state_dict",
     "load_climax_state_dict",
+    "load_source_checkpoint",
     "main",
 ]
 
 CLIMAX_PREFIXES = ("net.", "climax.", "model.net.", "model.")
-REPORT_FILENAME = "conversion_report.json"
+# Elevation-bias tensors a source may not provide: the config sets them (never random), and why.
+_FROM_CONFIG = {
+    "elevation_alpha": ("elevation_alpha_init", "the source has no elevation bias in this block"),
+    "H_scale": ("elevation_scale", "the source has no H_scale buffer (metres)"),
+}
 
 # ClimaX names whose TopoFlow name is the same under a new parent module.
 _RENAMES = (
@@ -46,43 +63,24 @@ _RENAMES = (
     (re.compile(r"^(blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias))$"),
      "topoflow.{0}"),
     (re.compile(r"^(norm\.(weight|bias))$"), "topoflow.{0}"),
+    (re.compile(r"^(patch_embed_norm\.(weight|bias))$"), "topoflow.embeddings.{0}"),
+    (re.compile(r"^(blocks\.\d+\.attn\.elevation_alpha)$"), "topoflow.{0}"),
 )  # fmt: skip
 _PER_VARIABLE_TOKEN = re.compile(r"^token_embeds\.(\d+)\.proj\.(weight|bias)$")
 _HEAD = re.compile(r"^head\.(\d+)\.(weight|bias)$")
 
 
-@dataclass
-class ConversionReport:
-    """What happened to every key.
-
-    mapped: ClimaX key -> TopoFlow key it was written to (several ClimaX keys may feed one).
-    dropped: ClimaX key -> why it was deliberately not used (e.g. a variable not in the config).
-    unmapped: ClimaX keys no rule knows; conversion refuses them unless allowed.
-    missing: TopoFlow keys the checkpoint did not provide; they keep their config initialization
-        (the elevation-bias `elevation_alpha` and `H_scale` of biased blocks, typically).
-    """
-
-    mapped: dict[str, str] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)
-    unmapped: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        lines = [
-            f"mapped {len(self.mapped)}, dropped {len(self.dropped)}, "
-            f"unmapped {len(self.unmapped)}, missing {len(self.missing)}"
-        ]
-        lines += [f"  dropped  {key}: {why}" for key, why in sorted(self.dropped.items())]
-        lines += [f"  unmapped {key}" for key in self.unmapped]
-        lines += [f"  missing  {key} (initialized from the config)" for key in self.missing]
-        return "\n".join(lines)
-
-
 def load_climax_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ClimaX tensors of a Lightning checkpoint (or a bare state dict), prefixes removed."""
+    """The tensors of a Lightning checkpoint (or a bare state dict), prefixes removed."""
+    return load_source_checkpoint(path)[0]
+
+
+def load_source_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of a Lightning checkpoint (or a bare state dict), prefixes removed, and its
+    `hyper_parameters` (empty when it has none)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ClimaX checkpoint {path} does not exist.")
+        raise FileNotFoundError(f"checkpoint {path} does not exist.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises pickle.UnpicklingError or RuntimeError here
@@ -95,7 +93,11 @@ def load_climax_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         isinstance(value, torch.Tensor) for value in state.values()
     ):
         raise ValueError(f"{path}: expected a Lightning checkpoint or a dict of tensors.")
-    return {_strip_prefix(key): value for key, value in state.items()}
+    hparams = checkpoint.get("hyper_parameters") if "state_dict" in checkpoint else None
+    stripped = {_strip_prefix(key): value for key, value in state.items()}
+    if len(stripped) != len(state):
+        raise ValueError(f"{path}: two keys are the same tensor once their prefixes are removed.")
+    return stripped, dict(hparams) if isinstance(hparams, dict) else {}
 
 
 def _strip_prefix(key: str) -> str:
@@ -106,15 +108,29 @@ def _strip_prefix(key: str) -> str:
 
 
 def convert_climax_state_dict(
-    climax_state: dict[str, torch.Tensor],
+    source_state: dict[str, torch.Tensor],
     config: TopoFlowConfig,
     climax_variables: Sequence[str] | None = None,
-) -> tuple[dict[str, torch.Tensor], ConversionReport]:
-    """ClimaX tensors -> TopoFlowForForecasting state dict for `config`, and the report.
+    *,
+    hparams: dict[str, Any] | None = None,
+    wind_scan: bool | None = None,
+) -> tuple[dict[str, torch.Tensor], TopoFlowConfig, ConversionReport]:
+    """Source tensors -> (TopoFlowForForecasting state dict, the config it is for, the report).
 
-    `climax_variables` are ClimaX's `default_vars` in its order (token embeddings, variable
-    embeddings and head outputs follow it); default `config.variables`.
+    The returned config is `config` with the fields the source layout fixes (lead-time scale,
+    patch-embedding LayerNorm, the paper code's elevation-bias blocks). `climax_variables` are the
+    source's variables in its order (token embeddings, variable embeddings and head outputs follow
+    it): ClimaX's `default_vars`; default the ones the checkpoint's `hparams` record, else
+    `config.variables`. `wind_scan` says whether a TopoFlow-paper source ran its wind scan when its
+    `hparams` do not record it.
     """
+    report = ConversionReport()
+    climax_state, config = read_source_keys(
+        source_state, config, report, hparams=hparams, wind_scan=wind_scan
+    )
+    if climax_variables is None and recorded_variables(hparams):
+        climax_variables = recorded_variables(hparams)
+        report.notes.append(f"source variables from hyper_parameters: {climax_variables}")
     climax_variables = list(config.variables if climax_variables is None else climax_variables)
     missing_names = [name for name in config.variables if name not in climax_variables]
     if missing_names:
@@ -123,7 +139,6 @@ def convert_climax_state_dict(
             f"{climax_variables}; pass --climax-variables in the checkpoint's order."
         )
     input_ids = [climax_variables.index(name) for name in config.variables]
-    report = ConversionReport()
     converted: dict[str, torch.Tensor] = {}
     pending = dict(climax_state)
 
@@ -142,7 +157,16 @@ def convert_climax_state_dict(
             converted[target] = pending[key].clone()
             report.mapped[key] = target
     _check_against_model(converted, report, config)
-    return converted, report
+    _name_source_keys(report)
+    return converted, config, report
+
+
+def _name_source_keys(report: ConversionReport) -> None:
+    """Report keys by the source's own names, not the names they were read under."""
+    source = {name: key for key, name in report.renamed.items()}
+    report.mapped = {source.get(key, key): target for key, target in report.mapped.items()}
+    report.dropped = {source.get(key, key): why for key, why in report.dropped.items()}
+    report.unmapped = sorted(source.get(key, key) for key in report.unmapped)
 
 
 def _rename(key: str) -> str | None:
@@ -246,7 +270,8 @@ def _select_target_rows(
 def _check_against_model(
     converted: dict[str, torch.Tensor], report: ConversionReport, config: TopoFlowConfig
 ) -> None:
-    """Keys the model lacks become unmapped, wrong shapes raise, unfilled model keys are missing."""
+    """Keys the model lacks become unmapped, wrong shapes raise; unfilled elevation-bias scalars are
+    set from the config, any other unfilled model key is missing."""
     with torch.device("meta"):  # shapes only
         expected = TopoFlowForForecasting(config).state_dict()
     for key in [key for key in converted if key not in expected]:
@@ -262,7 +287,15 @@ def _check_against_model(
                 f"expects {tuple(expected[key].shape)}; check embed_dim, depth, patch_size, "
                 f"img_size, mlp_ratio and decoder_depth."
             )
-    report.missing = sorted(set(expected) - set(converted))
+    for key in sorted(set(expected) - set(converted)):
+        module, _, name = key.rpartition(".")
+        if name in _FROM_CONFIG and module.endswith(".attn"):
+            field_name, why = _FROM_CONFIG[name]
+            value = getattr(config, field_name)
+            converted[key] = torch.full(expected[key].shape, value, dtype=expected[key].dtype)
+            report.from_config[key] = f"{why}: config.{field_name} = {value}"
+        else:
+            report.missing.append(key)
     report.unmapped.sort()
 
 
@@ -271,21 +304,52 @@ def convert_climax_checkpoint(
     output_dir: str | Path,
     config: TopoFlowConfig,
     climax_variables: Sequence[str] | None = None,
-    allow_unmapped: bool = False,
+    *,
+    allow_missing: bool = False,
+    wind_scan: bool | None = None,
 ) -> ConversionReport:
-    """Convert and save a TopoFlowForForecasting folder (config, safetensors, Hub files, report)."""
-    state = load_climax_state_dict(checkpoint_path)
-    converted, report = convert_climax_state_dict(state, config, climax_variables)
-    if report.unmapped and not allow_unmapped:
+    """Convert and save a TopoFlowForForecasting folder (config, safetensors, Hub files, report).
+
+    Refuses (ValueError) any source key it cannot convert exactly, and any model key the source
+    does not provide unless `allow_missing`; those are then left out of the weights file, so
+    `from_pretrained` reports them missing instead of loading them random.
+    """
+    state, hparams = load_source_checkpoint(checkpoint_path)
+    converted, config, report = convert_climax_state_dict(
+        state, config, climax_variables, hparams=hparams, wind_scan=wind_scan
+    )
+    if report.unmapped:
         raise ValueError(
-            f"{checkpoint_path}: {len(report.unmapped)} keys have no TopoFlow counterpart: "
-            f"{report.unmapped}. Pass allow_unmapped=True (--allow-unmapped) to drop them."
+            f"{checkpoint_path}: {len(report.unmapped)} keys have no TopoFlow counterpart in this "
+            f"config: {report.unmapped}. Converting without them would change the forecasts; "
+            f"check the config (embed_dim, depth, decoder_depth, patch_embed_norm) and layout."
         )
+    if report.missing and not allow_missing:
+        raise ValueError(
+            f"{checkpoint_path}: the checkpoint does not provide {report.missing}; they would be "
+            f"random. Pass allow_missing=True (--allow-missing) to write the folder without them "
+            f"(from_pretrained then reports them missing)."
+        )
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"output folder {output_dir} is not empty; choose a new folder.")
+    # Written beside the target and renamed at the end, so a failure never leaves half a folder.
+    staging = output_dir.with_name(f".{output_dir.name}.converting")
+    if staging.exists():
+        raise FileExistsError(f"{staging} exists (an interrupted conversion?); remove it first.")
     model = TopoFlowForForecasting(config)
     model.load_state_dict(converted, strict=False)
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    (output_dir / REPORT_FILENAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    # Only what the source (or the config, for elevation-bias scalars) provides is written.
+    weights = {key: tensor for key, tensor in model.state_dict().items() if key in converted}
+    check_finite_state_dict(weights, where=f"checkpoint {checkpoint_path}")
+    # The report first, so the SHA256SUMS that save_pretrained writes covers it too.
+    staging.mkdir(parents=True)
+    (staging / REPORT_FILENAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    model.save_pretrained(staging, state_dict=weights)
+    refuse_pickle_files(staging)
+    if output_dir.exists():
+        output_dir.rmdir()  # empty, checked above
+    staging.rename(output_dir)
     return report
 
 
@@ -304,7 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m topoflow.convert_climax", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("checkpoint", help="ClimaX Lightning .ckpt (or a saved state dict)")
+    parser.add_argument(
+        "checkpoint", help="ClimaX or TopoFlow-paper Lightning .ckpt (or a saved state dict)"
+    )
     parser.add_argument("output_dir", help="folder to write the TopoFlow model into")
     parser.add_argument(
         "--config",
@@ -313,10 +379,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--climax-variables",
-        help="comma-separated ClimaX default_vars in checkpoint order (default: config.variables)",
+        help="comma-separated ClimaX default_vars in checkpoint order (default: the variables "
+        "the checkpoint records, else config.variables)",
     )
     parser.add_argument(
-        "--allow-unmapped", action="store_true", help="drop keys with no TopoFlow counterpart"
+        "--allow-missing",
+        action="store_true",
+        help="write the folder even if the checkpoint lacks model weights; they are left out of "
+        "the weights file, so from_pretrained reports them missing",
+    )
+    parser.add_argument(
+        "--paper-wind-scan",
+        choices=("on", "off"),
+        help="for a TopoFlow-paper checkpoint without hyper_parameters: whether it was trained "
+        "with the wind scan (parallel_patch_embed); 'on' is refused",
     )
     args = parser.parse_args(argv)
     climax_variables = args.climax_variables.split(",") if args.climax_variables else None
@@ -325,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.output_dir,
         _load_config(args.config),
         climax_variables=climax_variables,
-        allow_unmapped=args.allow_unmapped,
+        allow_missing=args.allow_missing,
+        wind_scan=None if args.paper_wind_scan is None else args.paper_wind_scan == "on",
     )
     print(report.summary())
     print(f"wrote {args.output_dir}")

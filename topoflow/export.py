@@ -33,7 +33,13 @@ from topoflow.model_card import (
     read_val_loss_csv,
     render_model_card,
 )
-from topoflow.safety import check_finite_safetensors, refuse_pickle_files, write_manifest
+from topoflow.safety import (
+    ManifestError,
+    read_manifest,
+    sha256_file,
+    verify_model_folder,
+    write_manifest,
+)
 
 __all__ = [
     "HUB_FILES",
@@ -231,7 +237,9 @@ def _read_run_info(run_dir: Path) -> dict[str, Any]:
 
 
 def _check_model_dir(model_dir: Path) -> dict:
-    refuse_pickle_files(model_dir)
+    # The run's SHA256SUMS is checked first: a fresh manifest written over corrupted weights
+    # would make them look intact to everyone who loads the export.
+    verify_model_folder(model_dir, require_manifest=True)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     if not config.get("auto_map"):
         raise ValueError(
@@ -241,18 +249,54 @@ def _check_model_dir(model_dir: Path) -> dict:
     missing = [name for name in HUB_FILES if not (model_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"model folder {model_dir} lacks the Hub files {missing}")
-    for path in sorted(model_dir.glob("*.safetensors")):
-        check_finite_safetensors(path)
     return config
 
 
-def _copy_model_files(model_dir: Path, staging: Path) -> None:
+def _copy_model_files(model_dir: Path, staging: Path, *, hub_code: bool = True) -> None:
+    """Weights and config; with `hub_code`, every Python module save_pretrained wrote (the Hub
+    files and any module they import relatively)."""
     for path in sorted(model_dir.iterdir()):
-        wanted = path.suffix == ".safetensors" or path.name in ("config.json", *HUB_FILES)
+        wanted = path.suffix == ".safetensors" or path.name == "config.json"
+        wanted = wanted or (hub_code and path.suffix == ".py")
         if path.name == "model.safetensors.index.json":
             wanted = True
         if path.is_file() and wanted:
             shutil.copy2(path, staging / path.name)
+
+
+def _check_replaceable_export(out_dir: Path) -> None:
+    """--overwrite replaces an earlier export only: a folder whose every file is listed in its
+    SHA256SUMS or is one of the export's documentation files. Anything else is the user's."""
+    if not out_dir.is_dir() or not (out_dir / "SHA256SUMS").is_file():
+        raise FileExistsError(
+            f"--out {out_dir} exists and is not an earlier export (no SHA256SUMS); refusing to "
+            "replace it: choose another folder"
+        )
+    listed = set(read_manifest(out_dir))
+    documentation = {"SHA256SUMS", "README.md", "val_loss.csv"}
+    foreign = [
+        rel for rel in (p.relative_to(out_dir).as_posix() for p in sorted(out_dir.rglob("*")))
+        if rel not in listed and rel not in documentation and not rel.endswith(".png")
+    ]  # fmt: skip
+    if foreign:
+        raise FileExistsError(
+            f"--out {out_dir} holds files no export wrote ({foreign[:5]}); refusing to replace "
+            "it: move them out or choose another folder"
+        )
+
+
+def _check_copies(model_dir: Path, staging: Path) -> None:
+    """The staged copies must still match the run's manifest (a file could change between the
+    check and the copy)."""
+    expected = read_manifest(model_dir)
+    copied = {p.name for p in staging.iterdir() if p.suffix in (".safetensors", ".py")}
+    copied |= {"config.json"}
+    for name in sorted(copied):
+        if name not in expected or sha256_file(staging / name) != expected[name]:
+            raise ManifestError(
+                f"{model_dir / name} changed while it was exported (sha256 no longer matches "
+                f"{model_dir / 'SHA256SUMS'}); nothing was written"
+            )
 
 
 def export_run(
@@ -289,10 +333,15 @@ def export_run(
         reproduce_command = regenerate_command(run_args, int(run_info.get("world_size", 1)))
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"export folder {out_dir} exists; pass --overwrite to replace it")
+    if out_dir.exists():
+        _check_replaceable_export(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    packaged = out_dir.resolve().parent == PACKAGED_MODELS_DIR
     try:
-        _copy_model_files(model_dir, staging)
+        # A model shipped inside this package is loaded by the installed classes; a copy of the
+        # Hub code there would only go stale (and repeat 1,500 lines in the repository).
+        _copy_model_files(model_dir, staging, hub_code=not packaged)
         (staging / "training_report.json").write_text(
             json.dumps(report, indent=2) + "\n", encoding="utf-8"
         )
@@ -313,9 +362,10 @@ def export_run(
             num_parameters=count_weight_elements(staging),
             regenerate_command=reproduce_command,
             # A folder written into the package's pretrained/ resolves by its short name.
-            short_name=out_dir.name if out_dir.resolve().parent == PACKAGED_MODELS_DIR else None,
+            short_name=out_dir.name if packaged else None,
         )
         card.save(staging / "README.md")
+        _check_copies(model_dir, staging)
         write_manifest(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -10,7 +10,13 @@
    resolves to the packaged folder, whose manifest and weights are verified, so it loads offline;
 3. `org/name` (with any `revision=`) is left to transformers, which downloads from the Hub or
    raises the Hub's own error (offline mode included);
-4. anything else fails with `UnknownModelNameError` listing the known names.
+4. anything else fails with `UnknownModelNameError` (an `OSError`, as transformers raises for a
+   name that is neither a folder nor a Hub id) listing the known names.
+
+transformers' own Auto classes (`AutoConfig`, `AutoModel`, `AutoModelForTimeSeriesPrediction`)
+read the config through `PretrainedConfig.get_config_dict`, which knows only paths and Hub ids and
+has no hook; `register_hub_resolver()` wraps it so that exactly the packaged short names (rule 2)
+resolve there too. Every other name reaches transformers unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ __all__ = [
     "PACKAGED_MODELS_DIR",
     "KNOWN_MODELS",
     "UnknownModelNameError",
+    "is_hub_repo_id",
     "known_model_names",
     "packaged_model_folder",
     "resolve_model_name",
@@ -51,8 +58,16 @@ KNOWN_MODELS: dict[str, str] = {
 _HUB_REPO_ID = re.compile(r"[A-Za-z0-9_][\w.-]{0,95}/[A-Za-z0-9_][\w.-]{0,95}")
 
 
-class UnknownModelNameError(ValueError):
-    """A model name that is neither a local path, a packaged short name nor an `org/name` id."""
+class UnknownModelNameError(OSError, ValueError):
+    """A model name that is neither a local path, a packaged short name nor an `org/name` id.
+
+    An OSError, as transformers raises for a name that is neither a folder nor a Hub id; still a
+    ValueError for callers written against earlier releases."""
+
+
+def is_hub_repo_id(text: str) -> bool:
+    """True for a Hub repo id of the form org/name (a bare name is not one here)."""
+    return bool(_HUB_REPO_ID.fullmatch(text))
 
 
 def known_model_names() -> list[str]:
@@ -88,7 +103,7 @@ def resolve_model_name(name: object) -> str | None:
         return None
     if text in known_model_names():
         return str(packaged_model_folder(text))
-    if _HUB_REPO_ID.fullmatch(text):
+    if is_hub_repo_id(text):
         return None
     if "/" in text or os.sep in text or text.startswith(("~", ".")):
         raise FileNotFoundError(
@@ -134,4 +149,28 @@ def register_hub_resolver() -> None:
     from modeling_topoflow import TopoFlowPreTrainedModel
 
     TopoFlowPreTrainedModel.register_name_resolver(resolve_model_name)
+    _resolve_short_names_in_config_loading()
     _registered = True
+
+
+def _packaged_folder_or_unchanged(name: object) -> object:
+    """The packaged folder when `name` is a known short name and not a local path, else `name`."""
+    if isinstance(name, str) and not os.path.exists(name) and name in known_model_names():
+        return str(packaged_model_folder(name))
+    return name
+
+
+def _resolve_short_names_in_config_loading() -> None:
+    """Make `PretrainedConfig.get_config_dict` (hence every Auto class) resolve the packaged short
+    names; any other name is passed on untouched, so other models load exactly as before."""
+    from transformers import PretrainedConfig
+
+    original = PretrainedConfig.__dict__["get_config_dict"].__func__
+
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):  # noqa: ANN001, ANN202
+        resolved = _packaged_folder_or_unchanged(pretrained_model_name_or_path)
+        return original(cls, resolved, **kwargs)
+
+    get_config_dict.__doc__ = original.__doc__
+    get_config_dict.__wrapped__ = original
+    PretrainedConfig.get_config_dict = classmethod(get_config_dict)

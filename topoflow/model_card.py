@@ -19,6 +19,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from topoflow.hub import is_hub_repo_id
+
 __all__ = [
     "TEMPLATE_PATH",
     "CARD_METRICS",
@@ -32,7 +34,7 @@ __all__ = [
     "render_model_card",
 ]
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "hub_cards" / "model_card.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "hub_cards" / "model_card.md"
 # Scores of ForecastMetrics.compute() published per pollutant x lead; `n` and the reference RMSEs
 # stay in report.json (they describe the evaluation, not the model).
 CARD_METRICS = (
@@ -348,7 +350,9 @@ def render_model_card(
             "custom_code",
             *(["synthetic-data"] if synthetic else []),
         ],
-        datasets=[dataset_id],
+        # `datasets:` lists Hub dataset repos (the Hub links them); a local corpus name is not one
+        # and stays in the model-index's dataset type only.
+        datasets=[dataset_id] if is_hub_repo_id(dataset_id) else None,
         metrics=sorted({score.metric for score in scores}) or None,
         base_model=base_model,
         model_name=model_name,

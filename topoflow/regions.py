@@ -64,20 +64,17 @@ def elevation_bands(
 
 
 def regions_from_corpus(corpus: str | Path) -> tuple[np.ndarray, dict[int, str]]:
-    """`region_id` (H, W) from `<corpus>/static.safetensors` and its names from the metadata."""
+    """`region_id` (H, W) from `<corpus>/static.safetensors` (its sha256 checked against the
+    metadata) and its names from the metadata."""
+    from topoflow.corpus.schema import STATIC_FILE, CorpusMetadata
+    from topoflow.corpus.shards import read_static
+
     corpus = Path(corpus)
-    meta_path, static_path = corpus / "topoflow_corpus.json", corpus / "static.safetensors"
-    for path in (meta_path, static_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file {path} does not exist")
-    regions = json.loads(meta_path.read_text(encoding="utf-8")).get("regions")
-    if not regions:
-        raise KeyError(f"{meta_path} has no 'regions' table")
-    with safe_open(str(static_path), framework="np") as handle:
-        if "region_id" not in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-            raise KeyError(f"{static_path} has no 'region_id' tensor")
-        region_id = handle.get_tensor("region_id").astype(np.int64)
-    return region_id, {int(code): str(name) for code, name in regions.items()}
+    meta = CorpusMetadata.load(corpus)
+    if not meta.regions:
+        raise KeyError(f"{corpus / 'topoflow_corpus.json'} has no 'regions' table")
+    region_id = read_static(corpus / STATIC_FILE, meta)["region_id"].astype(np.int64)
+    return region_id, {int(code): str(name) for code, name in meta.regions.items()}
 
 
 def load_region_mask(

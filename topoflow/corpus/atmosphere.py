@@ -485,13 +485,17 @@ class _Weather:
 
     # -- winds
 
-    def synoptic_psi(self, hour: float) -> tuple[np.ndarray, np.ndarray]:
-        """Total and perturbation (eddies + waves) streamfunction on corners, m^2/s."""
+    def perturbation_psi(self, hour: float) -> np.ndarray:
+        """Streamfunction (m^2/s) on corners of the random eddies and travelling waves."""
         wave_amp = 1.0 + 0.5 * self.wave_state
         angle = self.wave_omega * hour + self.wave_phase
         wave_coef = np.stack([wave_amp * np.cos(angle), wave_amp * np.sin(angle)], axis=1)
         coef = np.concatenate([self.eddy_state, wave_coef.ravel()])
-        perturbation = np.tensordot(coef, self.psi_basis, axes=1)
+        return np.tensordot(coef, self.psi_basis, axes=1)
+
+    def synoptic_psi(self, hour: float) -> tuple[np.ndarray, np.ndarray]:
+        """Total and perturbation (eddies + waves) streamfunction on corners, m^2/s."""
+        perturbation = self.perturbation_psi(hour)
         winter = self.winter_index(hour)
         # Westerly jet u = U sech^2((lat - lat_jet) / width): further south and stronger in winter.
         jet_lat, jet_speed, width = 37.0 - 5.0 * winter, 4.0 + 2.0 * winter, 7.0
@@ -578,13 +582,16 @@ class Atmosphere:
         params: AtmosphereParams,
         start_hour: int | None = None,
         terrain: Terrain | None = None,
+        weather_type: type[_Weather] | None = None,
     ) -> None:
         """``start_hour`` defaults to ``spinup_days`` before ``params.start``; ``terrain`` to
-        ``make_terrain(params)`` (tests pass a modified one to isolate terrain effects)."""
+        ``make_terrain(params)`` (tests pass a modified one to isolate terrain effects);
+        ``weather_type`` to the China-like meteorology (the terrain worlds, worlds.py, swap in
+        their own large-scale flow and keep every other process of this model)."""
         self.params = params
         self.terrain = make_terrain(params) if terrain is None else terrain
         self.geometry = _Geometry.from_terrain(self.terrain)
-        self.weather = _Weather(params, self.terrain, self.geometry)
+        self.weather = (weather_type or _Weather)(params, self.terrain, self.geometry)
         self.uphill = _uphill_factors(
             self.terrain.elevation, params.terrain_blocking, params.blocking_height_m
         )
@@ -730,13 +737,18 @@ class Atmosphere:
         return {name: out[name].astype(np.float32) for name in VARIABLES}
 
 
-def simulate(params: AtmosphereParams) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+def simulate(
+    params: AtmosphereParams,
+    terrain: Terrain | None = None,
+    weather_type: type[_Weather] | None = None,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Yield (time_hour int64 (t,), {variable: float32 (t, H, W)}) one calendar month at a time,
     in time order, covering [params.start, params.end) every ``output_step_hours``.
 
     Only one month of output is held at a time; the model state is a few (H, W) arrays.
+    ``terrain`` and ``weather_type`` are passed to `Atmosphere` (defaults: the China-like map).
     """
-    atmosphere = Atmosphere(params)
+    atmosphere = Atmosphere(params, terrain=terrain, weather_type=weather_type)
     while atmosphere.hour < params.start_hour:
         atmosphere.step()
     steps_per_output = params.output_step_hours // params.physics_step_hours

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ import numpy as np
 
 from .schema import (
     DYNAMIC_VARIABLES,
+    METADATA_FILE,
     STATIC_FILE,
     STATIC_VARIABLES,
     UNITS,
@@ -35,7 +37,7 @@ from .schema import (
 from .shards import shard_file_name, write_shard, write_static
 
 # Bump when the bytes a build writes change for the same parameters (invalidates caches).
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 __all__ = [
     "SIZES",
@@ -48,7 +50,13 @@ __all__ = [
     "default_cache_root",
     "corpus_cache_name",
     "write_default_corpus",
+    "write_corpus",
     "build_default_corpus",
+    "corpus_files",
+    "foreign_entries",
+    "verify_corpus_folder",
+    "existing_corpus",
+    "check_replaceable",
     "main",
 ]
 
@@ -213,9 +221,14 @@ def hours_since_epoch(iso: str) -> int:
 
 
 def monthly_edges(start: str, end: str) -> list[int]:
-    """Shard edges in hours at every month start from `start` to `end` (both month starts)."""
-    months = np.arange(np.datetime64(start, "M"), np.datetime64(end, "M") + 1)
-    return [int(m.astype("datetime64[h]").astype(np.int64)) for m in months]
+    """Shard edges in hours: `start`, every month start strictly between, and `end`; a split
+    that crosses no month boundary is one shard."""
+    first, last = hours_since_epoch(start), hours_since_epoch(end)
+    if last <= first:
+        raise ValueError(f"split end {end} is not after its start {start}")
+    months = np.arange(np.datetime64(start, "M") + 1, np.datetime64(end, "M") + 1)
+    inner = [int(m.astype("datetime64[h]").astype(np.int64)) for m in months]
+    return [first, *(hour for hour in inner if first < hour < last), last]
 
 
 def even_edges(start: str, end: str, count: int, step_hours: int) -> list[int]:
@@ -282,25 +295,30 @@ def finalize_corpus(
     regions: Mapping[Any, str],
     provenance: dict[str, Any],
     units: Mapping[str, str] = UNITS,
+    static_variables: Sequence[str] = STATIC_VARIABLES,
 ) -> CorpusMetadata:
-    """Close the writer, write static fields, metadata and the dataset card; return the metadata."""
+    """Close the writer, write static fields, metadata and the dataset card; return the metadata.
+
+    `static_variables` are the float fields stored once; a corpus whose elevation or population
+    changes from sample to sample (the terrain worlds) stores them as dynamic variables instead.
+    """
     from .card import write_dataset_card
 
     folder = Path(folder)
     shards = writer.finish()
     static_stats = RunningStats()
-    for v in STATIC_VARIABLES:
+    for v in static_variables:
         static_stats.update(v, static[v])
     normalization = {
         **writer.stats.result(writer.variables, str(folder)),
-        **static_stats.result(STATIC_VARIABLES, f"{folder / STATIC_FILE}"),
+        **static_stats.result(static_variables, f"{folder / STATIC_FILE}"),
     }
-    write_static(folder / STATIC_FILE, static)
+    static_sha256 = write_static(folder / STATIC_FILE, static)
     meta = CorpusMetadata(
         name=name,
         variables=list(writer.variables),
-        static_variables=list(STATIC_VARIABLES),
-        units={v: units[v] for v in (*writer.variables, *STATIC_VARIABLES, "region_id")},
+        static_variables=list(static_variables),
+        units={v: units[v] for v in (*writer.variables, *static_variables, "region_id")},
         grid=grid_from_static(static),
         time_step_hours=writer.step,
         splits={s: {"start": a, "end": b} for s, (a, b) in splits.items()},
@@ -309,6 +327,7 @@ def finalize_corpus(
         shards=shards,
         provenance=provenance,
         halo_hours=writer.halo_hours,
+        static_sha256=static_sha256,
         source=str(folder),
     )
     meta.save(folder)
@@ -321,19 +340,146 @@ def default_cache_root() -> Path:
     return Path(base) / "corpora"
 
 
+def _all_sizes() -> list[str]:
+    """The default-corpus sizes and the terrain-worlds presets (worlds.py)."""
+    from .worlds import WORLD_SIZES
+
+    return sorted([*SIZES, *WORLD_SIZES])
+
+
 def _build_params(size: str, seed: int, terrain_blocking: float) -> dict[str, Any]:
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    if size not in _all_sizes():
+        raise ValueError(f"size must be one of {_all_sizes()}, got {size!r}")
+    if not (math.isfinite(float(terrain_blocking)) and float(terrain_blocking) >= 0):
+        raise ValueError(
+            f"--terrain-blocking must be a finite number >= 0 (0 = terrain has no effect), got "
+            f"{terrain_blocking}"
+        )
     return {"size": size, "seed": int(seed), "terrain_blocking": float(terrain_blocking)}
+
+
+# Provenance keys that decide the bytes of an embedded corpus; equal keys and intact files mean
+# an existing corpus is the one asked for.
+_PROVENANCE_KEYS = ("size", "seed", "terrain_blocking", "builder_version", "generator_version")
+
+
+def _requested_provenance(size: str, seed: int, terrain_blocking: float) -> dict[str, Any]:
+    from .atmosphere import GENERATOR_VERSION
+
+    return {**_build_params(size, seed, terrain_blocking), "builder_version": BUILD_VERSION,
+            "generator_version": GENERATOR_VERSION}  # fmt: skip
+
+
+def _provenance_differences(meta: CorpusMetadata, requested: Mapping[str, Any]) -> list[str]:
+    found = meta.provenance or {}
+    return [
+        f"{key}: {found.get(key)!r} there, {requested[key]!r} asked"
+        for key in _PROVENANCE_KEYS
+        if found.get(key) != requested[key]
+    ]
+
+
+def corpus_files(meta: CorpusMetadata) -> set[str]:
+    """Relative paths of every file a corpus build writes (metadata, card, static, shards)."""
+    return {METADATA_FILE, "README.md", STATIC_FILE, *(s.file for s in meta.shards)}
+
+
+def foreign_entries(folder: Path, meta: CorpusMetadata) -> list[str]:
+    """Entries of `folder` that no corpus build wrote: they belong to someone else."""
+    ours = corpus_files(meta)
+    found = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            if not any(name.startswith(relative + "/") for name in ours):
+                found.append(relative + "/")
+        elif relative not in ours:
+            found.append(relative)
+    return found
+
+
+def verify_corpus_folder(folder: Path) -> CorpusMetadata:
+    """Load a corpus's metadata and check every shard and the static fields by sha256."""
+    from .shards import read_static, validate_shard_file
+
+    meta = CorpusMetadata.load(folder)
+    for shard in meta.shards:
+        validate_shard_file(folder, shard, meta, check_sha256=True)
+    read_static(folder / STATIC_FILE, meta)
+    return meta
+
+
+def _holds_a_corpus(folder: Path, flag: str) -> bool:
+    """False for an absent or empty folder; True for a corpus folder; raises for anything else
+    (a file, a folder of someone else's files), which no build may write into or replace."""
+    if folder.exists() and not folder.is_dir():
+        raise CorpusError(f"{flag} {folder} is a file, not a folder; refusing to replace it")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return False
+    if not (folder / METADATA_FILE).is_file():
+        shown = sorted(p.name for p in folder.iterdir())[:5]
+        raise CorpusError(
+            f"{flag} {folder} is not empty ({shown}) and holds no TopoFlow corpus; refusing to "
+            f"write into it (nothing there is deleted): choose an empty or new folder"
+        )
+    return True
+
+
+def check_replaceable(folder: Path, flag: str) -> None:
+    """Raise unless `folder` is absent, empty, or a corpus whose every file a build wrote."""
+    if _holds_a_corpus(folder, flag):
+        foreign = foreign_entries(folder, CorpusMetadata.load(folder))
+        if foreign:
+            raise CorpusError(
+                f"{flag} {folder} holds files no corpus build wrote ({foreign[:5]}); refusing to "
+                f"replace the folder: move them out or choose another folder"
+            )
+
+
+def existing_corpus(
+    folder: Path, *, size: str, seed: int, terrain_blocking: float, force: bool, flag: str
+) -> Path | None:
+    """`folder` if it already holds the requested corpus, intact; None if the caller may build
+    into it (absent, empty, or with `force` a TopoFlow corpus whose every file a build wrote).
+
+    Never returns None for a folder holding anything a corpus build did not write: TopoFlow does
+    not delete what it did not write.
+    """
+    requested = _requested_provenance(size, seed, terrain_blocking)
+    if not _holds_a_corpus(folder, flag):
+        return None
+    meta = CorpusMetadata.load(folder)
+    foreign = foreign_entries(folder, meta)
+    differences = _provenance_differences(meta, requested)
+    if not differences and not force:
+        verify_corpus_folder(folder)
+        if foreign:
+            raise CorpusError(f"{flag} {folder} holds the requested corpus plus files no build "
+                              f"wrote: {foreign[:5]}; move them out")
+        return folder
+    if foreign:
+        raise CorpusError(
+            f"{flag} {folder} holds files no corpus build wrote ({foreign[:5]}); refusing to "
+            f"replace the folder: move them out or choose another folder"
+        )
+    if not force:
+        raise CorpusError(
+            f"{flag} {folder} holds a corpus built with other settings ({'; '.join(differences)})"
+            f"; pass --force to replace it, or choose another folder"
+        )
+    return None
 
 
 def corpus_cache_name(size: str = "default", seed: int = 0, terrain_blocking: float = 1.0) -> str:
     """`topoflow-<size>-<hash>`: the hash covers every input that changes the bytes written."""
     from . import atmosphere
+    from .worlds import WORLD_SIZES, WORLDS_VERSION
 
     params = _build_params(size, seed, terrain_blocking)
     key = {**params, "schema": BUILD_VERSION,
            "generator": getattr(atmosphere, "GENERATOR_VERSION", "unversioned")}  # fmt: skip
+    if size in WORLD_SIZES:
+        key["worlds"] = WORLDS_VERSION
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return f"topoflow-{size}-{digest}"
 
@@ -383,11 +529,23 @@ def write_default_corpus(
         "source": "embedded generator (topoflow.corpus.atmosphere)",
         "size": size, "seed": seed, "terrain_blocking": terrain_blocking,
         "generator_params": _jsonable(asdict(params)), "builder_version": BUILD_VERSION,
+        "generator_version": _requested_provenance(size, seed, terrain_blocking)[
+            "generator_version"],
     }  # fmt: skip
     return finalize_corpus(
         folder, name=f"topoflow-{size}", writer=writer, static=static, splits=preset.splits,
         regions=terrain.regions, provenance=provenance,
     )  # fmt: skip
+
+
+def write_corpus(
+    folder: str | os.PathLike, *, size: str, seed: int, terrain_blocking: float
+) -> CorpusMetadata:
+    """Write the embedded corpus of `size`: a default-corpus size or a terrain-worlds preset."""
+    from .worlds import WORLD_SIZES, write_worlds_corpus
+
+    write = write_worlds_corpus if size in WORLD_SIZES else write_default_corpus
+    return write(folder, size=size, seed=seed, terrain_blocking=terrain_blocking)
 
 
 def build_default_corpus(
@@ -405,11 +563,13 @@ def build_default_corpus(
     """
     root = Path(root) if root is not None else default_cache_root()
     target = root / corpus_cache_name(size, seed, terrain_blocking)
-    if (target / "topoflow_corpus.json").is_file() and not force:
-        return target
+    found = existing_corpus(target, size=size, seed=seed, terrain_blocking=terrain_blocking,
+                            force=force, flag="cached corpus")  # fmt: skip
+    if found is not None:
+        return found
     return build_atomically(
-        target, lambda tmp: write_default_corpus(tmp, size=size, seed=seed,
-                                                 terrain_blocking=terrain_blocking),
+        target, lambda tmp: write_corpus(tmp, size=size, seed=seed,
+                                         terrain_blocking=terrain_blocking),
         force=force,
     )  # fmt: skip
 
@@ -420,7 +580,8 @@ def build_atomically(target: Path, write: Any, *, force: bool) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
-        if target.exists() and force:
+        if target.exists() and force and any(target.iterdir()):
+            # Callers check with `existing_corpus` that every file here was written by a build.
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, trash / "old")
             shutil.rmtree(trash)
@@ -439,26 +600,41 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         prog="python -m topoflow.corpus.build", description="Build the embedded TopoFlow corpus."
     )
-    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument("--size", choices=_all_sizes(), default="default",
+                        help="worlds / worlds-tiny: the terrain-worlds controls (a terrain per "
+                             "sample, topoflow/corpus/worlds.py); the others: the embedded default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--terrain-blocking", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=None,
                         help="write the corpus exactly here (default: the cache folder)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if present")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even if present (replaces only a folder whose every file a "
+                             "corpus build wrote)")
     args = parser.parse_args(argv)
+    try:
+        path = _build_from_args(args)
+    except (CorpusError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    print(path)
+    return path
+
+
+def _build_from_args(args: argparse.Namespace) -> Path:
     if args.out is None:
         path = build_default_corpus(size=args.size, seed=args.seed,
                                     terrain_blocking=args.terrain_blocking, force=args.force)
-    elif (args.out / "topoflow_corpus.json").is_file() and not args.force:
-        path = args.out
     else:
-        path = build_atomically(
-            args.out.resolve(),
-            lambda tmp: write_default_corpus(tmp, size=args.size, seed=args.seed,
-                                             terrain_blocking=args.terrain_blocking),
-            force=True,
-        )  # fmt: skip
-    print(path)
+        out = args.out.resolve()
+        path = existing_corpus(out, size=args.size, seed=args.seed,
+                               terrain_blocking=args.terrain_blocking, force=args.force,
+                               flag="--out")  # fmt: skip
+        if path is None:
+            path = build_atomically(
+                out,
+                lambda tmp: write_corpus(tmp, size=args.size, seed=args.seed,
+                                         terrain_blocking=args.terrain_blocking),
+                force=True,
+            )  # fmt: skip
     return path
 
 

@@ -33,8 +33,22 @@ from typing import Any
 
 import numpy as np
 
-from .build import CorpusWriter, build_atomically, even_edges, finalize_corpus, monthly_edges
-from .schema import DYNAMIC_VARIABLES, POLLUTANTS, UNITS, CorpusError, CorpusMetadata
+from .build import (
+    CorpusWriter,
+    build_atomically,
+    check_replaceable,
+    even_edges,
+    finalize_corpus,
+    monthly_edges,
+)
+from .schema import (
+    DYNAMIC_VARIABLES,
+    POLLUTANTS,
+    SENTINELS,
+    UNITS,
+    CorpusError,
+    CorpusMetadata,
+)
 
 __all__ = [
     "SENTINELS",
@@ -45,8 +59,6 @@ __all__ = [
     "convert_caqra",
     "main",
 ]
-
-SENTINELS = (-999.0, -99.0, -9999.0)
 
 # Plausible (min, max) in the corpus's units (schema.UNITS); generous, they catch unit mistakes.
 PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {
@@ -251,7 +263,8 @@ def convert_caqra(
     name: str = "caqra",
     chunk_steps: int = 64,
 ) -> CorpusMetadata:
-    """Convert yearly CAQRA files into a corpus at `out` (built atomically; replaced if present).
+    """Convert yearly CAQRA files into a corpus at `out` (built atomically; an earlier corpus
+    there is replaced, a folder holding anything a build did not write is refused).
 
     `splits` maps split names to [start, end) ISO dates (e.g. train 2013-01-01..2017-01-01);
     statistics come from the split named "train". Shards are calendar months unless
@@ -299,7 +312,9 @@ def convert_caqra(
         finalize_corpus(folder, name=name, writer=writer, static=static, splits=splits,
                         regions={0: "outside", 1: "domain"}, provenance=provenance)  # fmt: skip
 
-    path = build_atomically(Path(out).resolve(), write, force=True)
+    target = Path(out).resolve()
+    check_replaceable(target, "--out")  # never replace what a corpus build did not write
+    path = build_atomically(target, write, force=True)
     return CorpusMetadata.load(path)
 
 

@@ -11,16 +11,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .schema import STATIC_VARIABLES, CorpusMetadata
+from .schema import CorpusMetadata
 
 __all__ = ["TEMPLATE_PATH", "card_data_for", "render_dataset_card", "write_dataset_card"]
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "hub_cards" / "dataset_card.md"
+TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "hub_cards" / "dataset_card.md"
 
 _LICENSE_TEXT = {
     "apache-2.0": "Apache-2.0, like the TopoFlow code that generates it: the data are synthetic.",
     "other": "Converted from third-party data: the original data's terms of use apply.",
 }
+
+
+# How splits are made unless the provenance says otherwise (the terrain worlds split by world).
+_SPLIT_BY_TIME = "Split by time, so no test period is seen in training."
 
 
 def _size_category(rows: int) -> str:
@@ -59,14 +63,13 @@ def render_dataset_card(
     from huggingface_hub import DatasetCard
 
     if not TEMPLATE_PATH.is_file():
-        # hub_cards/ sits beside the package in the repository (editable installs); a wheel must
-        # ship it for corpora to be buildable.
+        # topoflow/hub_cards/ is package data (setup.py): only a broken installation lacks it.
         raise FileNotFoundError(f"dataset-card template {TEMPLATE_PATH} is missing")
     if license is None:
         synthetic = "embedded generator" in str(meta.provenance.get("source"))
         license = "apache-2.0" if synthetic else "other"
     variable_rows = [
-        {"name": v, "kind": "static" if v in STATIC_VARIABLES else "dynamic",
+        {"name": v, "kind": "static" if v in meta.static_variables else "dynamic",
          "unit": meta.units[v], "mean": _fmt(meta.normalization[v]["mean"]),
          "std": _fmt(meta.normalization[v]["std"])}
         for v in (*meta.variables, *meta.static_variables)
@@ -83,7 +86,11 @@ def render_dataset_card(
         template_path=str(TEMPLATE_PATH),
         pretty_name=meta.name,
         description=str(meta.provenance.get("source", "")),
-        repo_or_path=repo_or_path or meta.name,
+        # The usage snippet must name something load_dataset can open: the Hub repo id when the
+        # card is for one, else the corpus folder. Folders are built under temporary names and
+        # moved, so a local card names the folder as a placeholder (a bare corpus name would be
+        # read as a Hub id that does not exist).
+        repo_or_path=repo_or_path or f"path/to/{meta.name}",
         height=meta.height, width=meta.width, resolution=grid["resolution_deg"],
         lat_min=_fmt(grid["lat_min"]), lat_max=_fmt(grid["lat_max"]),
         lon_min=_fmt(grid["lon_min"]), lon_max=_fmt(grid["lon_max"]),
@@ -92,6 +99,7 @@ def render_dataset_card(
         regions=sorted(meta.regions.items(), key=lambda kv: kv[0].zfill(12)),
         provenance=json.dumps(meta.provenance, indent=2, sort_keys=True),
         license_text=_LICENSE_TEXT.get(license, license),
+        split_note=meta.provenance.get("split_note", _SPLIT_BY_TIME),
     )  # fmt: skip
 
 

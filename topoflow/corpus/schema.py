@@ -7,6 +7,7 @@ is the normative description; this module enforces it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ __all__ = [
     "STATIC_INT_VARIABLES",
     "DEFAULT_INPUT_VARIABLES",
     "UNITS",
+    "SENTINELS",
     "CorpusError",
     "CorpusMetadata",
     "ShardInfo",
@@ -69,6 +71,10 @@ UNITS: dict[str, str] = {
 }
 
 
+# Fill values that reanalysis files use for "missing"; a corpus holds NaN instead.
+SENTINELS: tuple[float, ...] = (-999.0, -99.0, -9999.0)
+
+
 class CorpusError(Exception):
     """A corpus file is missing, corrupt or inconsistent with its metadata."""
 
@@ -88,7 +94,7 @@ class ShardInfo:
 
 _REQUIRED_KEYS = (
     "schema_version", "name", "variables", "static_variables", "units", "grid", "time_step_hours",
-    "splits", "normalization", "regions", "shards", "provenance",
+    "splits", "normalization", "regions", "shards", "provenance", "static_sha256",
 )  # fmt: skip
 _GRID_KEYS = ("height", "width", "lat_min", "lat_max", "lon_min", "lon_max", "resolution_deg")
 
@@ -111,6 +117,9 @@ class CorpusMetadata:
     # Hours of halo rows appended after each shard's own range (never across a split boundary):
     # the longest lead time for which no sample is lost at a shard edge.
     halo_hours: int = 0
+    # sha256 of static.safetensors: safetensors stores no checksum, and a flipped byte in the
+    # elevation or region mask would otherwise train silently.
+    static_sha256: str = ""
     schema_version: int = SCHEMA_VERSION
     # Set by `load`, not saved: where the metadata came from (folder path or Hub repo id).
     source: str = field(default="", compare=False)
@@ -134,6 +143,12 @@ class CorpusMetadata:
             (s for s in self.shards if s.split == split), key=lambda s: s.first_hour
         )
 
+    def fingerprint(self) -> str:
+        """sha256 of the metadata's content. It lists the sha256 of every shard and of the static
+        fields, so equal fingerprints mean equal corpus bytes, wherever the folder lies."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("source")
@@ -151,6 +166,11 @@ class CorpusMetadata:
         if not isinstance(data, dict):
             raise CorpusError(f"{source}: expected a JSON object, got {type(data).__name__}")
         missing = [k for k in _REQUIRED_KEYS if k not in data]
+        if missing == ["static_sha256"]:
+            raise CorpusError(
+                f"{source}: missing key 'static_sha256' (written by a TopoFlow before static "
+                f"fields were checksummed); {STATIC_FILE} cannot be verified: rebuild the corpus"
+            )
         if missing:
             raise CorpusError(f"{source}: missing key(s) {missing}")
         if data["schema_version"] != SCHEMA_VERSION:
@@ -215,6 +235,11 @@ class CorpusMetadata:
             raise CorpusError(f"{src}: key 'grid' has a non-positive height or width")
         if not (isinstance(self.time_step_hours, int) and self.time_step_hours > 0):
             raise CorpusError(f"{src}: key 'time_step_hours' must be a positive int")
+        if not (isinstance(self.static_sha256, str) and len(self.static_sha256) == 64):
+            raise CorpusError(
+                f"{src}: key 'static_sha256' must be the 64-hex sha256 of {STATIC_FILE}, got "
+                f"{self.static_sha256!r}"
+            )
         if self.halo_hours < 0 or self.halo_hours % self.time_step_hours:
             raise CorpusError(
                 f"{src}: key 'halo_hours' ({self.halo_hours}) must be a non-negative multiple "

@@ -18,7 +18,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import STATIC_INT_VARIABLES, CorpusError, CorpusMetadata, ShardInfo
+from .schema import (
+    POLLUTANTS,
+    SENTINELS,
+    STATIC_INT_VARIABLES,
+    UNITS,
+    CorpusError,
+    CorpusMetadata,
+    ShardInfo,
+)
 
 __all__ = [
     "shard_schema",
@@ -28,6 +36,7 @@ __all__ = [
     "validate_shard_file",
     "check_shard_schema",
     "table_to_arrays",
+    "check_field_values",
     "check_rows_match",
     "read_shard",
     "write_static",
@@ -152,7 +161,42 @@ def table_to_arrays(
         fields[v] = values.reshape(rows, *shape)
     time_hour = table.column("time_hour").to_numpy().astype(np.int64, copy=False)
     is_halo = table.column("is_halo").to_numpy(zero_copy_only=False).astype(bool, copy=False)
+    check_field_values(fields, meta, source)
     return time_hour, is_halo, fields
+
+
+def check_field_values(
+    fields: Mapping[str, np.ndarray], meta: CorpusMetadata, source: str
+) -> None:
+    """Raise a CorpusError naming `source` and the variable for values no corpus may hold.
+
+    NaN is a corpus's only missing-value marker (the CAQRA converter maps fill values to it). An
+    Inf would pass the loader's NaN -> 0 and turn the loss into NaN; a fill value such as -999
+    would be learned as a real concentration. Both are refused rather than guessed at.
+    """
+    for name, values in fields.items():
+        flat = values.reshape(-1)
+        low, high = float(np.fmin.reduce(flat)), float(np.fmax.reduce(flat))  # NaN-ignoring
+        if np.isinf(low) or np.isinf(high):
+            count = int(np.isinf(flat).sum())
+            raise CorpusError(
+                f"{source}: variable {name!r} holds {count} infinite value(s); a corpus marks "
+                f"missing values with NaN only"
+            )
+        if not low < 0:  # also all-NaN
+            continue
+        found = sorted({x for x in SENTINELS if low <= x and (flat == x).any()})
+        if found:
+            raise CorpusError(
+                f"{source}: variable {name!r} holds fill value(s) {found}; a corpus marks missing "
+                f"values with NaN only (topoflow convert-caqra maps fill values to NaN)"
+            )
+        if name in POLLUTANTS and meta.units.get(name) == UNITS[name] and low < 0:
+            count = int((flat < 0).sum())
+            raise CorpusError(
+                f"{source}: variable {name!r} holds {count} negative concentration(s) (min "
+                f"{low:g} {UNITS[name]}); a corpus marks missing values with NaN only"
+            )
 
 
 def check_rows_match(time_hour: np.ndarray, is_halo: np.ndarray, shard: ShardInfo, source: str,
@@ -195,10 +239,19 @@ def write_static(path: str | os.PathLike, static: Mapping[str, np.ndarray]) -> s
 
 
 def read_static(path: str | os.PathLike, meta: CorpusMetadata) -> dict[str, np.ndarray]:
-    """Read static fields and check every expected one is there with the grid's shape."""
+    """Read static fields after checking their sha256 against the metadata, and check every
+    expected one is there with the grid's shape."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    if not Path(path).is_file():
+        raise CorpusError(f"{path}: static fields file is missing")
+    actual = file_sha256(path)
+    if actual != meta.static_sha256:
+        raise CorpusError(
+            f"{path}: sha256 {actual[:16]}... does not match the metadata's static_sha256 "
+            f"{meta.static_sha256[:16]}... (modified or bit-flipped static fields)"
+        )
     try:
         static = load_file(str(path))
     except (SafetensorError, OSError) as e:

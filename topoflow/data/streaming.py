@@ -231,12 +231,20 @@ def _normalization_for(
 def _open_raw_rows(corpus: str, split: str, revision: str | None) -> Any:
     import datasets
     import pyarrow.dataset as pads
+    import yaml
 
     scan = pads.ParquetFragmentScanOptions(page_checksum_verification=True)
     try:
         return datasets.load_dataset(
             corpus, split=split, streaming=True, revision=revision, fragment_scan_options=scan
         )
+    except yaml.YAMLError as e:
+        # datasets parses the card's YAML front matter from a string, so yaml names
+        # "<unicode string>" instead of the file.
+        raise CorpusError(
+            f"{corpus}/README.md: the dataset card's YAML front matter does not parse (yaml "
+            f"counts lines from the one after the opening ---, one less than the file): {e}"
+        ) from e
     except (pa.ArrowException, OSError, ValueError) as e:
         raise CorpusError(f"{corpus}: datasets cannot open split {split!r}: {e}") from e
 

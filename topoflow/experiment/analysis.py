@@ -1,9 +1,11 @@
 """The numbers of an experiment report, computed from evaluated runs (no figures, no Markdown).
 
 For each arm against the control:
-- the verdict on seed-averaged per-sample losses (each sample's loss averaged over the seeds of
-  an arm, then paired with the control's), with block-bootstrap interval and Wilcoxon p-values,
-  and the seed-to-seed spread of the mean test loss (paired by seed);
+- the verdict with the training seed as the unit (`topoflow.seed_stats`): per-seed paired change
+  of the mean test loss, t and sign-flip tests, two-level bootstrap interval, minimum detectable
+  effect, equivalence against the margin;
+- the sample-level view, labelled secondary: seed-averaged per-sample losses paired with the
+  control's, with block-bootstrap interval and Wilcoxon p-values;
 - the gain per target variable x lead time with intervals, on seed-averaged per-variable MSEs;
 - the region tables from the per-cell error sums pooled over seeds;
 - the pooled scores (RMSE, MAE, bias, skill against persistence and climatology) of every arm.
@@ -19,18 +21,20 @@ import torch
 
 from topoflow.metrics import ForecastMetrics
 from topoflow.regions import gain_map, region_report
+from topoflow.seed_stats import DEFAULT_MARGIN, SeedLosses, SeedVerdict, seed_verdict_from_losses
 from topoflow.stats import (
+    SampleLevelView,
     gains_by_variable_and_lead,
     mean_over_seeds,
     paired_samples,
-    seed_spread,
-    verdict,
+    sample_level_view,
 )
 
 from .arms import CONTROL
 from .evaluate import EvaluationResult
 
-__all__ = ["ArmComparison", "compare_arm", "pooled_scores", "pooled_state", "seed_mean_loss"]
+__all__ = ["ArmComparison", "compare_arm", "per_seed_losses", "pooled_scores", "pooled_state",
+           "seed_mean_loss"]
 
 Evaluations = Mapping[str, Mapping[int, EvaluationResult]]
 
@@ -93,10 +97,12 @@ def pooled_scores(by_seed: Mapping[int, EvaluationResult], config: Any,
 class ArmComparison:
     """Everything the report says about one arm against the control."""
 
-    def __init__(self, arm: str, verdict_: Any, gains: list[dict], regions: dict,
-                 gain_map_: np.ndarray, per_seed: dict[int, dict[str, float]]) -> None:
+    def __init__(self, arm: str, verdict_: SeedVerdict, sample_level: SampleLevelView,
+                 gains: list[dict], regions: dict, gain_map_: np.ndarray,
+                 per_seed: dict[int, dict[str, float]]) -> None:
         self.arm = arm
         self.verdict = verdict_
+        self.sample_level = sample_level
         self.gains = gains
         self.regions = regions
         self.gain_map = gain_map_
@@ -105,15 +111,23 @@ class ArmComparison:
     def to_dict(self) -> dict:
         regions = {k: v for k, v in self.regions.items() if k != "markdown"}
         return {"arm": self.arm, "verdict": self.verdict.to_dict(),
+                "sample_level": self.sample_level.to_dict(),
                 "gains_by_variable_and_lead": self.gains, "regions": regions,
                 "per_seed_test_loss": {str(s): v for s, v in self.per_seed.items()}}
+
+
+def per_seed_losses(by_seed: Mapping[int, EvaluationResult]) -> SeedLosses:
+    """{seed: (sample ids, per-sample test loss)} of one arm."""
+    return {s: (r.per_sample.sample_ids.numpy(), r.per_sample.loss.numpy())
+            for s, r in sorted(by_seed.items())}
 
 
 def compare_arm(evals: Evaluations, arm: str, *, variables: Sequence[str],
                 elevation_m: np.ndarray, region_codes: np.ndarray | None,
                 region_names: Mapping[int, str] | None, n_boot: int = 2000,
-                block_length: int | None = None) -> ArmComparison:
-    """The verdict, gains, region tables and gain map of `arm` against the control."""
+                block_length: int | None = None, margin: float = DEFAULT_MARGIN,
+                target_mde: float | None = None) -> ArmComparison:
+    """The verdict, the sample-level view, gains, region tables and gain map of `arm`."""
     if CONTROL not in evals:
         raise ValueError(f"no '{CONTROL}' arm among the evaluated arms {sorted(evals)}")
     if arm not in evals:
@@ -125,19 +139,14 @@ def compare_arm(evals: Evaluations, arm: str, *, variables: Sequence[str],
                          f"{sorted(control)}: seeds must pair up")
     per_seed = {s: {"control": seed_mean_loss(control[s]), "arm": seed_mean_loss(treated[s])}
                 for s in sorted(control)}
-    spread = seed_spread({s: v["control"] for s, v in per_seed.items()},
-                         {s: v["arm"] for s, v in per_seed.items()})
-
-    def averaged(by_seed: Mapping[int, EvaluationResult]) -> tuple[np.ndarray, np.ndarray]:
-        return mean_over_seeds([(r.per_sample.sample_ids.numpy(), r.per_sample.loss.numpy())
-                                for _, r in sorted(by_seed.items())])
-
-    c_ids, c_loss = averaged(control)
-    a_ids, a_loss = averaged(treated)
-    paired = paired_samples(c_ids, c_loss, a_ids, a_loss)
-    result = verdict(paired, arm_name=arm, control_name=CONTROL,
-                     metric="per-sample test MSE (normalized, mean over seeds)",
-                     block_length=block_length, n_boot=n_boot, seeds=spread)
+    result = seed_verdict_from_losses(per_seed_losses(control), per_seed_losses(treated),
+                                      arm_name=arm, control_name=CONTROL, margin=margin,
+                                      target_mde=target_mde, n_boot=n_boot,
+                                      block_length=block_length)
+    c_ids, c_loss = mean_over_seeds(list(per_seed_losses(control).values()))
+    a_ids, a_loss = mean_over_seeds(list(per_seed_losses(treated).values()))
+    view = sample_level_view(paired_samples(c_ids, c_loss, a_ids, a_loss), arm_name=arm,
+                             control_name=CONTROL, block_length=block_length, n_boot=n_boot)
     cv_ids, cv_mse = _seed_averaged_variable_mse(control)
     av_ids, av_mse = _seed_averaged_variable_mse(treated)
     gains = gains_by_variable_and_lead(cv_ids, cv_mse, av_ids, av_mse, variables,
@@ -147,4 +156,4 @@ def compare_arm(evals: Evaluations, arm: str, *, variables: Sequence[str],
                             region_codes=region_codes, region_names=region_names)
     gmap = gain_map(c_state["cell_sq_err"], c_state["cell_count"], a_state["cell_sq_err"],
                     a_state["cell_count"])
-    return ArmComparison(arm, result, gains, regions, gmap, per_seed)
+    return ArmComparison(arm, result, view, gains, regions, gmap, per_seed)

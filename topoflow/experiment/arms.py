@@ -45,6 +45,8 @@ class ArmSpec:
     alpha_init: float = 0.0
     trainable: str = "all"
     direction: str = "downslope"
+    placebo: bool = False
+    mask_elevation_input: bool = False
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -61,13 +63,17 @@ class ArmSpec:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"arm {self.name!r}: direction must be one of {list(DIRECTIONS)}, "
                              f"got {self.direction!r}")
+        if self.placebo and not self.elevation_blocks:
+            raise ValueError(f"arm {self.name!r}: a placebo needs bias blocks (blocks=...)")
 
     def train_args(self) -> list[str]:
         """The train_accelerate.py arguments that make this arm."""
         blocks = ",".join(str(b) for b in self.elevation_blocks) or "none"
         return ["--elevation-blocks", blocks, "--elevation-scale", repr(self.elevation_scale),
                 "--alpha-init", repr(self.alpha_init), "--trainable", self.trainable,
-                "--elevation-direction", self.direction]
+                "--elevation-direction", self.direction,
+                *(["--elevation-placebo"] if self.placebo else []),
+                *(["--mask-elevation-input"] if self.mask_elevation_input else [])]
 
     def recipe(self) -> dict:
         """JSON-ready settings, without the free-text description."""
@@ -97,10 +103,24 @@ KNOWN_ARMS: dict[str, ArmSpec] = {
         ArmSpec("blocks01", (0, 1), description="elevation bias on blocks 0 and 1"),
         ArmSpec("allblocks4", (0, 1, 2, 3),
                 description="elevation bias on blocks 0-3 (every block of the base preset)"),
+        # The terrain-worlds controls (docs/experiment.md): "upslope" is the direction the
+        # embedded generator blocks, "topoflow" the other one.
+        ArmSpec("placebo", (0,), direction="upslope", placebo=True,
+                description="upslope bias on block 0 from a per-sample shuffle of the patch "
+                            "heights: same values, no geography"),
+        ArmSpec("upslope-all", (0, 1, 2, 3), direction="upslope",
+                description="upslope bias on blocks 0-3"),
+        ArmSpec("upslope-bias-only", (0,), direction="upslope", mask_elevation_input=True,
+                description="upslope bias on block 0, elevation input channel masked: the "
+                            "terrain reaches the model only through the bias"),
+        ArmSpec("control-no-elevation", mask_elevation_input=True,
+                description="no bias and the elevation input channel masked: does the model "
+                            "use the terrain at all?"),
     )
 }
 
-_SPEC_KEYS = {"blocks", "scale", "alpha", "trainable", "direction"}
+_SPEC_KEYS = {"blocks", "scale", "alpha", "trainable", "direction", "placebo", "mask_input"}
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _parse_spec(name: str, body: str) -> ArmSpec:
@@ -121,13 +141,21 @@ def _parse_spec(name: str, body: str) -> ArmSpec:
         alpha = float(settings.get("alpha", 0.0))
     except ValueError as err:
         raise UnknownArmError(f"arm spec {name}:{body!r}: {err}") from err
+    flags = {}
+    for key in ("placebo", "mask_input"):
+        value = settings.get(key, "false").lower()
+        if value not in _BOOLEANS:
+            raise UnknownArmError(f"arm spec {name}:{body!r}: {key} must be true or false, got "
+                                  f"{value!r}")
+        flags[key] = _BOOLEANS[value]
     return ArmSpec(name, blocks, scale, alpha, settings.get("trainable", "all"),
-                   settings.get("direction", "downslope"), description=f"custom: {body}")
+                   settings.get("direction", "downslope"), placebo=flags["placebo"],
+                   mask_elevation_input=flags["mask_input"], description=f"custom: {body}")
 
 
 def parse_arm(text: str) -> ArmSpec:
     """A known arm name, or `name:key=value;...` (keys blocks, scale, alpha, trainable,
-    direction)."""
+    direction, placebo, mask_input)."""
     text = text.strip()
     name, sep, body = text.partition(":")
     if sep:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from topoflow.seed_stats import DEFAULT_MARGIN
+
 from .arms import KNOWN_ARMS, ArmSpec, parse_arms
 from .evaluate import evaluate_forecasters, evaluate_models, load_evaluation
 from .runner import Budget, RunRecord, adopt_run, check_runs, parse_run_argument, train_arms
@@ -74,7 +76,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the climatology and damped persistence references (they read the "
                         "whole training split); persistence is always scored")
     g.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    g = p.add_argument_group("verdict (training seed as the unit; docs/experiment.md)")
+    g.add_argument("--margin", type=_fraction("--margin"), default=DEFAULT_MARGIN,
+                   help="equivalence margin as a fraction of the control's test loss "
+                        "(0.01: arms within +/-1%% are equivalent)")
+    g.add_argument("--target-mde", type=_fraction("--target-mde"), default=None,
+                   help="minimum detectable effect (fraction of the loss) for which the report "
+                        "says how many seeds are needed; default: the margin")
+    g.add_argument("--pilot", action="store_true",
+                   help="pilot: run --seeds, then print per arm how many seeds reach "
+                        "--target-mde at 80%% power; the report is marked as a pilot")
     return p
+
+
+def _fraction(flag: str) -> Any:
+    """argparse type for a fraction of the loss in (0, 1), naming the flag when it is not."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not 0 < value < 1:
+            raise argparse.ArgumentTypeError(
+                f"{flag} is a fraction of the loss in (0, 1) (0.01 = 1%), got {text}")
+        return value
+
+    return parse
 
 
 def _resolve_corpus(args: argparse.Namespace) -> Path:
@@ -167,7 +195,8 @@ def run_experiment(args: argparse.Namespace, log: Any = _log) -> dict:
 
     out = Path(args.output_dir)
     corpus = _resolve_corpus(args)
-    plan: dict[str, Any] = {"title": args.title, "corpus": str(corpus)}
+    plan: dict[str, Any] = {"title": args.title, "corpus": str(corpus), "pilot": args.pilot,
+                            "margin": args.margin, "target_mde": args.target_mde or args.margin}
     if args.run:
         records, h_scales, directions = _adopted_runs(args.run)
         plan["baseline"] = "finished runs given with --run"
@@ -205,7 +234,8 @@ def run_experiment(args: argparse.Namespace, log: Any = _log) -> dict:
     plan["eval"]["n_samples"] = first.metrics["evaluated"]["n_samples"]
     report = write_report(out / "report", plan=plan, records=records, evals=evals,
                           config=config, ctx=ctx, h_scales=h_scales, n_boot=args.n_boot,
-                          directions=directions, references=references)
+                          directions=directions, references=references, margin=args.margin,
+                          target_mde=args.target_mde)
     log(f"report written to {out / 'report' / 'report.md'}")
     return report
 
@@ -218,5 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m topoflow.experiment: error: {err}", file=sys.stderr)
         return 2
     for comparison in report["comparisons"].values():
-        print(comparison["verdict"]["text"])
+        if args.pilot:
+            print(f"pilot: {comparison['pilot_summary']}")
+        else:
+            print(comparison["verdict"]["text"])
     return 0

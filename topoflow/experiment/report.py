@@ -21,27 +21,29 @@ from topoflow.figures import (
     plot_gain_maps,
     plot_val_loss_curves,
 )
+from topoflow.seed_stats import DEFAULT_MARGIN, SeedVerdict, format_p, format_percent
 
 from .analysis import ArmComparison, compare_arm, pooled_scores
 from .arms import CONTROL
 from .evaluate import EvaluationResult, test_loss_row
 from .runner import RunRecord
 
-__all__ = ["CorpusContext", "read_val_curve", "run_alphas", "write_report"]
+__all__ = ["PER_SEED_LOSSES", "CorpusContext", "pilot_summary", "read_val_curve", "run_alphas",
+           "seed_level_lines", "write_report"]
 
 
 class CorpusContext:
     """What the report needs from the corpus: elevation, regions, extent, units, provenance."""
 
     def __init__(self, corpus: str | Path) -> None:
-        from safetensors.numpy import load_file
-
         from topoflow.corpus import CorpusMetadata
+        from topoflow.corpus.schema import STATIC_FILE
+        from topoflow.corpus.shards import read_static
         from topoflow.regions import regions_from_corpus
 
         self.path = Path(corpus)
         self.meta = CorpusMetadata.load(self.path)
-        static = load_file(str(self.path / "static.safetensors"))
+        static = read_static(self.path / STATIC_FILE, self.meta)
         self.elevation_m = static["elevation"].astype(np.float64)
         self.region_codes, self.region_names = regions_from_corpus(self.path)
         grid = self.meta.grid
@@ -87,26 +89,60 @@ def _p(p: float | None) -> str:
 
 
 def _gain_table(gains: Sequence[Mapping]) -> str:
-    lines = ["| pollutant | lead (h) | MSE gain | 95% CI | significant |",
+    # Sample-level intervals of seed-averaged models: descriptive, never a verdict.
+    lines = ["| pollutant | lead (h) | MSE gain | 95% CI (sample level) | CI excludes 0 |",
              "|---|---:|---:|---|---|"]
     for g in gains:
-        sig = "yes (better)" if g["ci_low"] > 0 else "yes (worse)" if g["ci_high"] < 0 else "no"
+        sig = "yes (lower)" if g["ci_low"] > 0 else "yes (higher)" if g["ci_high"] < 0 else "no"
         lines.append(f"| {g['variable']} | {g['lead_hours']} | {_pct(g['gain'])} | "
                      f"{_pct(g['ci_low'])} to {_pct(g['ci_high'])} | {sig} |")
     return "\n".join(lines)
 
 
 def _seed_table(comparison: ArmComparison) -> str:
-    lines = ["| seed | control test loss | arm test loss | reduction |", "|---:|---:|---:|---:|"]
-    for seed, v in comparison.per_seed.items():
-        lines.append(f"| {seed} | {v['control']:.5f} | {v['arm']:.5f} | "
-                     f"{v['control'] - v['arm']:+.5f} |")
-    s = comparison.verdict.seeds
-    test = f"paired t-test p = {_p(s.t_pvalue)}" if s.t_pvalue is not None else s.note
-    lines.append(f"| mean +- std | {s.control_mean:.5f} +- {s.control_std:.5f} | "
-                 f"{s.arm_mean:.5f} +- {s.arm_std:.5f} | {s.mean_reduction:+.5f} +- "
-                 f"{s.std_reduction:.5f} ({test}) |")
+    v = comparison.verdict
+    lines = ["| seed | control test loss | arm test loss | change (positive: arm lower) |",
+             "|---:|---:|---:|---:|"]
+    for seed, control, arm, gain in zip(v.seeds, v.control_loss, v.arm_loss, v.gain_per_seed,
+                                        strict=True):
+        lines.append(f"| {seed} | {control:.5f} | {arm:.5f} | {_pct(gain)} |")
+    sd = "n/a" if v.sd_gain is None else f"{100 * v.sd_gain:.2f}%"
+    lines.append(f"| mean (sd over seeds) | {np.mean(v.control_loss):.5f} | "
+                 f"{np.mean(v.arm_loss):.5f} | {_pct(v.mean_gain)} ({sd}) |")
     return "\n".join(lines)
+
+
+def _interval(x: Sequence[float] | None) -> str:
+    return "n/a" if x is None else f"{format_percent(x[0])} to {format_percent(x[1])}"
+
+
+def seed_level_lines(v: SeedVerdict) -> list[str]:
+    """The bullet list under a verdict: intervals, tests, equivalence, power."""
+    boot = v.bootstrap
+    missing = ("fewer than 2 seeds" if len(v.seeds) < 2 else
+               "the per-sample losses of each seed were not available")
+    boot_text = f"n/a ({missing})" if boot is None else (
+        f"{_interval(boot.interval_95)} (seeds, then blocks of {boot.block_length} init times, "
+        f"{boot.block_rule}; {boot.n_boot} resamples)")
+    flip = "n/a" if v.sign_flip_pvalue is None else (
+        f"{format_p(v.sign_flip_pvalue)} ({'exact' if v.sign_flip_exact else 'random'} sign "
+        "flips)")
+    t_test = "n/a" if v.t_pvalue is None else format_p(v.t_pvalue)
+    tost = "n/a" if v.tost_pvalue is None else format_p(v.tost_pvalue)
+    mde = "n/a" if v.mde is None else format_percent(v.mde, sign=False)
+    needed = "n/a" if v.sd_gain is None else (
+        "more than a million" if v.seeds_needed is None else str(v.seeds_needed))
+    margin, target = format_percent(v.margin, sign=False), format_percent(v.target_mde, False)
+    return [
+        f"- 95% seed-level interval (decides): {_interval(v.interval_95)}; 90%: "
+        f"{_interval(v.interval_90)}",
+        f"- paired t-test over seeds: {t_test}, 95% t interval {_interval(v.t_interval_95)}; "
+        f"sign-flip test: {flip}",
+        f"- two-level bootstrap 95% interval: {boot_text}",
+        f"- equivalence within +/-{margin} (two one-sided t-tests): {tost}",
+        f"- minimum detectable effect at {100 * v.power:.0f}% power with {len(v.seeds)} seeds: "
+        f"{mde}; seeds for {target}: {needed}",
+    ]
 
 
 def _scores_table(scores: Mapping[str, dict], variables: Sequence[str]) -> str:
@@ -179,6 +215,23 @@ def _runs_table(records: Sequence[RunRecord]) -> str:
     return "\n".join(lines)
 
 
+PER_SEED_LOSSES = "per_seed_losses.safetensors"
+
+
+def _save_per_seed_losses(path: Path, evals: Mapping[str, Mapping[int, EvaluationResult]]
+                          ) -> None:
+    """Per-sample test losses of every arm x seed beside the report, so a published report can
+    be re-scored at seed level later without the run folders (a few MB for the default split)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for arm, by_seed in evals.items():
+        for seed, result in by_seed.items():
+            tensors[f"{arm}/seed{seed}/sample_ids"] = result.per_sample.sample_ids.contiguous()
+            tensors[f"{arm}/seed{seed}/loss"] = result.per_sample.loss.contiguous()
+    save_file(tensors, str(path))
+
+
 FIGURE_PATTERNS = ("val_loss_curves.png", "gain_map_*.png", "gain_bars_*.png",
                    "attention_bias_*.png")
 
@@ -232,7 +285,8 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
                  evals: Mapping[str, Mapping[int, EvaluationResult]], config: Any,
                  ctx: CorpusContext, h_scales: Mapping[str, float], n_boot: int = 2000,
                  directions: Mapping[str, str] | None = None,
-                 references: Mapping[str, EvaluationResult] | None = None) -> dict:
+                 references: Mapping[str, EvaluationResult] | None = None,
+                 margin: float = DEFAULT_MARGIN, target_mde: float | None = None) -> dict:
     """Compute every comparison, draw the figures, write report.md and report.json.
 
     `references` ({name: result} of the reference forecasts scored on the same samples) add
@@ -249,7 +303,7 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
     comparisons = {
         arm: compare_arm(evals, arm, variables=variables, elevation_m=ctx.elevation_m,
                          region_codes=ctx.region_codes, region_names=ctx.region_names,
-                         n_boot=n_boot)
+                         n_boot=n_boot, margin=margin, target_mde=target_mde)
         for arm in evals if arm != CONTROL}
     scores = {arm: pooled_scores(by_seed, config, ctx.units) for arm, by_seed in evals.items()}
     references = dict(references or {})
@@ -264,16 +318,33 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
     report = {
         "plan": dict(plan),
         "runs": [r.to_dict() for r in records],
-        "comparisons": {arm: c.to_dict() for arm, c in comparisons.items()},
+        "comparisons": {arm: {**c.to_dict(), "pilot_summary": pilot_summary(c.verdict)}
+                        for arm, c in comparisons.items()},
         "scores": scores,
         "test_loss": test_losses,
         "learned_alpha": {a: {str(s): v for s, v in b.items()} for a, b in alphas.items()},
         "figures": figures,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    _save_per_seed_losses(out / PER_SEED_LOSSES, evals)
     (out / "report.md").write_text(_markdown(plan, records, comparisons, scores, alphas,
                                              figures, variables, test_losses))
     return report
+
+
+def pilot_summary(v: SeedVerdict) -> str:
+    """One line a pilot prints per arm: the seed spread and the seeds needed for the target."""
+    return f"{v.arm}: {_pilot_line(v)}"
+
+
+def _pilot_line(v: SeedVerdict) -> str:
+    if v.sd_gain is None:
+        return f"{len(v.seeds)} seed: no seed spread, run a pilot of at least 3 seeds"
+    needed = "more than a million" if v.seeds_needed is None else str(v.seeds_needed)
+    mde = "n/a" if v.mde is None else format_percent(v.mde, sign=False)
+    return (f"per-seed change sd {format_percent(v.sd_gain, sign=False)} over {len(v.seeds)} "
+            f"seeds; minimum detectable effect now {mde}; {needed} seeds reach "
+            f"{format_percent(v.target_mde, sign=False)} at {100 * v.power:.0f}% power")
 
 
 def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
@@ -292,22 +363,37 @@ def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
             md.append(f"- {label}: {json.dumps(plan[key], default=str)}")
     md.append(f"- Seeds: {seeds} (arm and control of one seed share data order and init)")
     md += ["", "Each arm is compared with the control: the baseline fine-tuned with the same "
-           "budget and data order but no elevation bias. Per-sample losses on the evaluation "
-           "split are averaged over seeds and paired by sample id; intervals are 95% moving-block "
-           "bootstrap intervals over initialization times.", ""]
+           "budget and data order but no elevation bias. The training seed is the unit: each "
+           "seed gives the relative change of the mean test loss, arm against control (positive: "
+           "the arm is better), and the verdict follows the decision rule of docs/experiment.md "
+           "(better, worse, equivalent within the margin, or inconclusive). The sample-level "
+           "view (seed-averaged per-sample losses paired by sample id, moving-block bootstrap "
+           "over initialization times) is secondary: it holds the trained models fixed.", ""]
+    if plan.get("pilot"):
+        md += ["**Pilot:** this run sizes the experiment; its verdicts are not results. Seeds "
+               "needed for the target minimum detectable effect:", ""]
+        md += [f"- {arm}: {_pilot_line(comp.verdict)}" for arm, comp in comparisons.items()]
+        md += [""]
     for arm, comp in comparisons.items():
         v = comp.verdict
-        md += [f"## Verdict: {arm} vs control", "", f"**Verdict:** {v.text}", ""]
-        md += [f"- Effect size: mean reduction {v.bootstrap.mean_reduction:.3g} (95% CI "
-               f"{v.bootstrap.ci[0]:.3g} to {v.bootstrap.ci[1]:.3g}); relative gain "
-               f"{_pct(v.bootstrap.relative_gain)} (CI {_pct(v.bootstrap.relative_gain_ci[0])} "
-               f"to {_pct(v.bootstrap.relative_gain_ci[1])})",
-               f"- Wilcoxon signed-rank on {v.n_block_means} block means of "
-               f"{v.block_means_length} init times: p = {_p(v.wilcoxon_block_means.pvalue)} "
-               f"(on the raw samples: p = {_p(v.wilcoxon_samples.pvalue)}, overstated by "
-               "autocorrelation)", ""]
-        md += ["### Seed-to-seed spread (mean per-sample test loss)", "", _seed_table(comp), ""]
-        md += ["### Per pollutant and lead time", "", _gain_table(comp.gains), ""]
+        md += [f"## Verdict: {arm} vs control", "",
+               f"**Verdict ({v.verdict}, training seed as the unit):** {v.text}", ""]
+        md += [*seed_level_lines(v), ""]
+        md += ["### Per seed (mean per-sample test loss)", "", _seed_table(comp), ""]
+        view = comp.sample_level
+        b = view.bootstrap
+        md += ["### Sample-level view (secondary: the trained models held fixed)", "",
+               view.text, "",
+               f"- Effect size: mean reduction {b.mean_reduction:.3g} (95% CI "
+               f"{b.ci[0]:.3g} to {b.ci[1]:.3g}); relative gain "
+               f"{_pct(b.relative_gain)} (CI {_pct(b.relative_gain_ci[0])} "
+               f"to {_pct(b.relative_gain_ci[1])})",
+               f"- Wilcoxon signed-rank on {view.n_block_means} block means of "
+               f"{view.block_means_length} init times: p = "
+               f"{_p(view.wilcoxon_block_means.pvalue)} (on the raw samples: p = "
+               f"{_p(view.wilcoxon_samples.pvalue)}, overstated by autocorrelation)", ""]
+        md += ["### Per pollutant and lead time (sample level, descriptive)", "",
+               _gain_table(comp.gains), ""]
         md += ["### By elevation band and named region (relative RMSE gain, pooled over seeds)",
                "", comp.regions["markdown"], ""]
     md += ["## Learned elevation alpha", "", _alpha_table(alphas), ""]

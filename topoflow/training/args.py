@@ -8,6 +8,7 @@ for one epoch, validating at step 0 and every `--eval-every` steps.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 
 __all__ = ["build_parser", "parse_args", "parse_block_list", "TRAINABLE_CHOICES"]
@@ -63,13 +64,21 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="transport the bias penalizes: downslope (attending to a higher "
                             "source, DESIGN.md) or upslope (to a lower source); default: the "
                             "checkpoint's, else downslope")
+    group.add_argument("--elevation-placebo", action="store_true",
+                       help="placebo arm: the bias from a per-sample shuffle of the patch heights "
+                            "(same values, no geography; config.elevation_bias_placebo)")
+    group.add_argument("--mask-elevation-input", action="store_true",
+                       help="set the elevation input channel to 0 so the terrain reaches the "
+                            "model only through the bias (config.elevation_input_masked)")
     group.add_argument("--allow-missing-keys", action="store_true",
                        help="train even if keys other than the new bias keys are missing")
     group.add_argument("--trainable", type=_trainable, default="all",
                        help="all | new (only keys missing from the checkpoint) | head | "
                             "bias-blocks (the biased blocks) | elevation (alpha only) | "
                             "prefix:<a>,<b>")
-    group.add_argument("--attn-implementation", default=None, help="eager | sdpa | flex")
+    group.add_argument("--attn-implementation", default=None,
+                       help="eager | sdpa | flex_attention (transformers' names), or a name "
+                       "registered with transformers.AttentionInterface")
     group.add_argument("--gradient-checkpointing", action="store_true")
 
 
@@ -184,11 +193,38 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"--stop-after-steps must be >= 1, got {args.stop_after_steps}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
-    if args.elevation_scale <= 0:
-        parser.error(f"--elevation-scale is a height in metres and must be > 0, got "
-                     f"{args.elevation_scale}")
+    _validate_numbers(parser, args)
     if args.trainable in ("new", "elevation", "bias-blocks") and not args.elevation_blocks:
         parser.error(f"--trainable {args.trainable} needs --elevation-blocks (got none)")
+
+
+# Real-valued flags: (lowest allowed, whether the lowest is allowed itself, why). NaN and Inf are
+# refused for all of them: they would surface steps later as NaN weights or a silently disabled
+# clip, naming the weights instead of the flag.
+_NUMBER_RULES: dict[str, tuple[float, bool, str]] = {
+    "learning_rate": (0.0, False, ""),
+    "alpha_learning_rate": (0.0, True, ""),
+    "weight_decay": (0.0, True, "a negative decay grows the weights"),
+    "max_grad_norm": (0.0, True, "0 disables clipping"),
+    "elevation_scale": (0.0, False, "a height in metres"),
+    "alpha_init": (0.0, True, "alpha < 0 switches the bias off for good"),
+    "success_threshold": (0.0, False, "a validation loss"),
+    "success_ratio": (0.0, False, "a fraction of the step-0 loss"),
+    "warmup_steps": (0.0, True, ""),
+}
+
+
+def _validate_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name, (lowest, inclusive, why) in _NUMBER_RULES.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (value >= lowest if inclusive else value > lowest)
+        if not ok:
+            bound = f">= {lowest:g}" if inclusive else f"> {lowest:g}"
+            reason = f" ({why})" if why else ""
+            parser.error(f"--{name.replace('_', '-')} must be a finite number {bound}{reason}, "
+                         f"got {value}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -155,8 +155,12 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    _write_json(tmp / data_state_file(accelerator.process_index), data_state)
+    try:
+        accelerator.save_state(str(tmp))
+        _write_json(tmp / data_state_file(accelerator.process_index), data_state)
+    except (OSError, RuntimeError) as err:
+        # torch's writer reports a full disk as "inline_container.cc:... unexpected pos".
+        raise CheckpointError(_save_failure(tmp, step, err)) from err
     for path in tmp.iterdir():
         if path.name.endswith(f"_{accelerator.process_index}.pkl"):
             _fsync_file(path)
@@ -168,6 +172,16 @@ def save_checkpoint(
         _delete_old(root, keep=total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _save_failure(tmp: Path, step: int, err: BaseException) -> str:
+    try:
+        free = f"{shutil.disk_usage(tmp.parent).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"saving the checkpoint of step {step} into {tmp} failed ({free} on that file "
+            f"system; a full disk or quota?): {err}. Earlier complete checkpoints are untouched; "
+            "free space and resume with --resume-from-checkpoint latest")
 
 
 def _commit(tmp: Path, final: Path, step: int, world_size: int) -> None:
@@ -245,10 +259,10 @@ def validate_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
     if not marker_path.is_file():
         raise CheckpointError(f"checkpoint {path} has no {COMPLETE_MARKER}: the save did not "
                               "complete; resume from an earlier one (or 'latest')")
-    marker = json.loads(marker_path.read_text(encoding="utf-8"))
-    if marker.get("world_size") != world_size:
+    marker = _read_marker(marker_path)
+    if marker["world_size"] != world_size:
         raise CheckpointError(
-            f"checkpoint {path} was written by {marker.get('world_size')} processes but this run "
+            f"checkpoint {path} was written by {marker['world_size']} processes but this run "
             f"has {world_size}; resuming with another world size is refused because each rank's "
             "data position belongs to its own shards"
         )
@@ -257,6 +271,11 @@ def validate_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
             shown = name.replace("|", " or ")
             raise CheckpointError(f"checkpoint {path} is missing {shown} ({meaning}); refusing "
                                   "to resume from it")
+    unlisted = [rel for rel in (f.relative_to(path).as_posix() for f in _files_under(path))
+                if rel != COMPLETE_MARKER and rel not in marker["files"]]
+    if unlisted:
+        raise CheckpointError(f"checkpoint {path}: {unlisted[:5]} not listed in {COMPLETE_MARKER}; "
+                              "its files cannot be checked, refusing to resume from it")
     for name, expected in marker["files"].items():
         file = path / name
         if not file.is_file():
@@ -265,6 +284,41 @@ def validate_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {path}: {name} does not match the sha256 in "
                                   f"{COMPLETE_MARKER}; the file is corrupt")
     return marker
+
+
+def _read_marker(marker_path: Path) -> dict[str, Any]:
+    """The completion marker, checked field by field: a marker that lists no file would let a
+    resume skip every sha256 check."""
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{marker_path}: unreadable completion marker ({err}); refusing to "
+                              "resume from this checkpoint") from err
+    problem = _marker_problem(marker)
+    if problem:
+        raise CheckpointError(f"{marker_path}: malformed completion marker: {problem}; "
+                              "refusing to resume from this checkpoint")
+    return marker
+
+
+def _marker_problem(marker: Any) -> str | None:
+    if not isinstance(marker, dict):
+        return "not a JSON object"
+    if marker.get("format") != FORMAT_VERSION:
+        return f"format {marker.get('format')!r}, expected {FORMAT_VERSION}"
+    for key in ("step", "world_size"):
+        value = marker.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{key!r} is {value!r}, expected a non-negative int"
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files:
+        return "'files' lists no file"
+    for name, entry in files.items():
+        valid = (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                 and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64)
+        if not valid:
+            return f"entry {name!r} lacks an int size and a 64-hex sha256"
+    return None
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

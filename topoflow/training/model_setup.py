@@ -9,6 +9,7 @@ some blocks, the only keys allowed to be missing are those blocks' `attn.elevati
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ __all__ = [
     "select_trainable",
 ]
 
+logger = logging.getLogger(__name__)
+
 # Architecture presets for --from-scratch; the data-dependent fields (variables, grid, statistics)
 # always come from the corpus. `base` is what topoflow-base is trained with: small enough that the
 # default fine-tune runs in minutes on two CPU cores.
@@ -37,6 +40,10 @@ CONFIG_PRESETS: dict[str, dict[str, Any]] = {
     # (about 1460 steps of 8 samples) costs about 0.15 CPU-s per step. embed_dim 128 costs 2.5x.
     "base": {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0,
              "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0},
+    # The terrain-worlds controls (docs/experiment.md): `base` at patch 2, so the 16 x 32 worlds
+    # give 128 tokens of 2 x 2 cells (blocking that crosses patch faces is twice that at patch 4).
+    "worlds": {"patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0,
+               "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0},
 }
 
 
@@ -166,6 +173,50 @@ def check_corpus_matches_config(config: Any, corpus_meta: Any) -> None:
     if list(config.img_size) != [corpus_meta.height, corpus_meta.width]:
         raise ValueError(f"corpus {where} grid is {corpus_meta.height}x{corpus_meta.width} but the "
                          f"model expects img_size {config.img_size}")
+    _check_units_match(config, corpus_meta, where)
+    _check_statistics_match(config, corpus_meta, where)
+
+
+def _check_units_match(config: Any, corpus_meta: Any, where: str) -> None:
+    """A model normalizes with statistics in its own units: data in other units is nonsense to
+    it (CO in ug/m3 fed to a model trained on mg/m3 gave a val loss of 664,533)."""
+    model_units = config.variable_units or {}
+    names = list(dict.fromkeys([*config.variables, *config.target_variables]))
+    unknown = [name for name in names if name not in model_units]
+    if unknown:
+        logger.warning("the model's config.variable_units does not name the units of %s: they "
+                       "cannot be compared with corpus %s", unknown, where)
+    differ = {name: (model_units[name], corpus_meta.units.get(name)) for name in names
+              if name in model_units and model_units[name] != corpus_meta.units.get(name)}
+    if differ:
+        shown = ", ".join(f"{name}: model {a!r}, corpus {b!r}" for name, (a, b) in differ.items())
+        raise ValueError(f"corpus {where} holds variables in other units than the model was "
+                         f"trained on ({shown}); convert the corpus or use a matching model")
+
+
+# How far the model's normalization statistics may lie from the corpus's before the corpus is
+# taken for other data (a scaled unit, a wrong variable): a std ratio beyond this factor, or means
+# this many model standard deviations apart.
+STATISTICS_TOLERANCE = 10.0
+
+
+def _check_statistics_match(config: Any, corpus_meta: Any, where: str) -> None:
+    names = list(dict.fromkeys([*config.variables, *config.target_variables]))
+    far = []
+    for name in names:
+        stats = corpus_meta.normalization.get(name)
+        if stats is None:
+            continue
+        mean, std = float(config.variable_mean[name]), float(config.variable_std[name])
+        ratio = float(stats["std"]) / std
+        shift = abs(float(stats["mean"]) - mean) / std
+        if not 1 / STATISTICS_TOLERANCE <= ratio <= STATISTICS_TOLERANCE or shift > (
+                STATISTICS_TOLERANCE):
+            far.append(f"{name}: model mean {mean:.4g} std {std:.4g}, corpus mean "
+                       f"{float(stats['mean']):.4g} std {float(stats['std']):.4g}")
+    if far:
+        raise ValueError(f"corpus {where} does not look like the data the model was trained on "
+                         f"(statistics {STATISTICS_TOLERANCE:g}x apart or more): {'; '.join(far)}")
 
 
 def select_trainable(model: torch.nn.Module, mode: str, *, new_keys: Sequence[str],
