@@ -60,7 +60,8 @@ def test_biased_block_matches_a_loop_written_from_the_formula(implementation, di
     elevation = torch.tensor([[0.0, 4000.0, 1000.0, 1000.0, 2600.0, 300.0],
                               [3900.0, 0.0, 50.0, 2000.0, 2000.0, 100.0]], dtype=torch.float64)
     with torch.no_grad():
-        result = attention(hidden, elevation).numpy()
+        result, _ = attention(hidden, elevation)  # (output, attention probabilities or None)
+    result = result.numpy()
     heights = elevation.numpy() * (1.0 if direction == "downslope" else -1.0)
     expected = _reference_block(attention, hidden.numpy(), heights, alpha=4.0,
                                 h_scale=config.elevation_scale,
