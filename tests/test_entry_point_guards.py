@@ -36,8 +36,9 @@ TINY = {"patch_size": 2, "embed_dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio
 
 
 def test_training_script_keeps_negative_alpha_at_zero(synthetic_corpus, tmp_path):
-    # alpha < 0 gets exactly zero gradient (the clamp at 0 zeroes the whole bias), so only the
-    # trainer's projection after each optimizer step can bring it back to 0. --alpha-init refuses
+    # alpha < 0 gets exactly zero gradient (the clamp at 0 zeroes the whole bias), so only a
+    # projection can bring it back to 0: the trainer's after each optimizer step, and the model's
+    # own before use in training (either alone keeps the logged alphas >= 0). --alpha-init refuses
     # negative values, so the negative alpha comes from a checkpoint, as a hand-edited or
     # converted one would bring it.
     config_path = tmp_path / "tiny.json"
