@@ -46,12 +46,9 @@ BY_HAND = "tests/test_model_golden_by_hand.py"
 # (name, file, original snippet, planted bug, pytest arguments: test files and -k selections)
 MUTANTS: tuple[Mutant, ...] = (
     # Safety rules through the entry points.
-    # Since the model projects alpha itself before use in training (nonnegative_alpha), the
-    # trainer's call is a second guard: removing it alone leaves every logged alpha >= 0 unless
-    # the very last step pushes alpha below 0, so this mutant is expected to survive.
     Mutant("trainer-drops-alpha-projection", "train_accelerate.py",
            "accelerator.unwrap_model(model).project_elevation_alpha_()", "pass",
-           (GUARDS, "-k", "negative_alpha")),
+           (GUARDS, "-k", "pushes_it_below")),
     Mutant("report-ignores-mismatched", "topoflow/training/model_setup.py",
            "problems = report.missing_other + report.mismatched",
            "problems = report.missing_other", (GUARDS, "-k", "loading")),
