@@ -12,7 +12,11 @@ import warnings
 import pytest
 import torch
 
-from modeling_topoflow import elevation_bias_matrix, elevation_biased_attention
+from modeling_topoflow import (
+    elevation_bias_matrix,
+    elevation_biased_attention,
+    sorted_elevation_attention,
+)
 
 CLAMP_MAX = 10.0
 H_SCALE = torch.tensor(1000.0)
@@ -31,6 +35,13 @@ def _inputs(dtype: torch.dtype = torch.float64, *, tied: bool = False, head_dim:
 
 
 def _attention(implementation: str, query, key, value, elevation, alpha):
+    if implementation == "sdpa":
+        # The sdpa path itself, with its small-problem shortcut (materialize the bias, as eager
+        # does) switched off, so these small inputs reach the sorted fused kernels.
+        return sorted_elevation_attention(
+            query, key, value, elevation_m=elevation, alpha=alpha, h_scale=H_SCALE,
+            clamp_max=CLAMP_MAX, small_problem_elements=0,
+        )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex_attention "called without torch.compile" on CPU
         return elevation_biased_attention(
