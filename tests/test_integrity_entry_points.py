@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import topoflow  # noqa: F401  (registers the name resolver that checks local folders)
-from modeling_topoflow import TopoFlowForForecasting
+from modeling_topoflow import TopoFlowForForecasting, verify_pretrained_files
 from tests.fixtures_model import make_tiny_config
+from topoflow.hub import resolve_model_name
 from topoflow.safety import ManifestError, read_manifest, save_model_folder, sha256_file
 
 
@@ -56,6 +57,12 @@ def test_from_pretrained_refuses_a_damaged_folder_naming_the_file(saved_folder, 
     name = damage(saved_folder)
     with pytest.raises(ManifestError, match=name.replace(".", r"\.")):
         TopoFlowForForecasting.from_pretrained(saved_folder)
+    # Each of the two guards on its own: the model's check (runs without this package) and the
+    # package's name resolver (also used for --model by the training script and the CLI).
+    with pytest.raises(ManifestError, match=name.replace(".", r"\.")):
+        verify_pretrained_files(saved_folder)
+    with pytest.raises(ManifestError, match=name.replace(".", r"\.")):
+        resolve_model_name(str(saved_folder))
 
 
 @pytest.mark.parametrize("escape", ["absolute", "parent", "nested-parent"])
