@@ -48,6 +48,32 @@ def experiment(baseline: Path, tiny_corpus: Path, tmp_path_factory: pytest.TempP
     return out
 
 
+def test_report_verdict_recomputed_from_the_saved_per_sample_errors(experiment: Path) -> None:
+    # Independently of topoflow.stats: each sample's loss from its saved squared-error sums, the
+    # mean over the two seeds by sample id, then the pooled mean reduction and relative gain.
+    import numpy as np
+
+    def seed_averaged(arm: str) -> dict[int, float]:
+        by_id: dict[int, list[float]] = {}
+        for seed in (0, 1):
+            rows = load_evaluation(experiment / "eval" / arm / f"seed{seed}").per_sample
+            totals = rows.sq_err_sum.sum(1) / rows.count.sum(1)
+            for sample_id, loss in zip(rows.sample_ids.tolist(), totals.tolist(), strict=True):
+                by_id.setdefault(sample_id, []).append(loss)
+        return {i: float(np.mean(v)) for i, v in by_id.items() if np.isfinite(v).all()}
+
+    control, arm = seed_averaged("control"), seed_averaged("topoflow")
+    assert control.keys() == arm.keys()
+    ids = sorted(control)
+    reduction = np.array([control[i] - arm[i] for i in ids])
+    boot = json.loads((experiment / "report" / "report.json").read_text())[
+        "comparisons"]["topoflow"]["verdict"]["bootstrap"]
+    assert boot["n_samples"] == len(ids)
+    assert boot["mean_reduction"] == pytest.approx(reduction.mean(), rel=1e-9, abs=1e-12)
+    assert boot["relative_gain"] == pytest.approx(
+        reduction.sum() / sum(control[i] for i in ids), rel=1e-9, abs=1e-12)
+
+
 def test_two_arms_two_seeds_write_a_complete_report(experiment: Path) -> None:
     report_dir = experiment / "report"
     report = json.loads((report_dir / "report.json").read_text())
