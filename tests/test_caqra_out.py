@@ -13,8 +13,6 @@ from topoflow.corpus import CorpusError
 from topoflow.corpus.build import hours_since_epoch, monthly_edges
 from topoflow.corpus.caqra import convert_caqra
 
-pytest.importorskip("xarray")
-
 SPLITS = {"train": ("2017-01-01", "2017-01-02"), "validation": ("2017-01-02", "2017-01-03")}
 
 
