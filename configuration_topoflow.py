@@ -38,7 +38,7 @@ DEFAULT_LEAD_TIME_SCALE_HOURS = 100.0
 # The transport an elevation bias penalizes (see `elevation_bias_direction` below).
 ELEVATION_BIAS_DIRECTIONS: tuple[str, ...] = ("downslope", "upslope")
 # What the prediction head outputs (see `forecast_target` below).
-FORECAST_TARGETS: tuple[str, ...] = ("field", "increment")
+FORECAST_TARGETS: tuple[str, ...] = ("field", "increment", "anomaly")
 # Calendar inputs the data pipeline can derive from a sample's time stamp; each is a phase in
 # [0, 1) fed to the model as (sin, cos) of 2 pi x phase (see `time_features` below).
 TIME_FEATURES: tuple[str, ...] = (
@@ -197,6 +197,7 @@ class TopoFlowConfig(PretrainedConfig):
         corpus: Mapping[str, Any] | None = None,
         forecast_target: str = "field",
         increment_scale: Mapping[str, Mapping[str, float]] | None = None,
+        anomaly_damping: Mapping[str, Mapping[str, float]] | None = None,
         time_features: Sequence[str] = (),
         initializer_range: float = 0.02,
         **kwargs: Any,
@@ -239,10 +240,8 @@ class TopoFlowConfig(PretrainedConfig):
         self.region_mask_description = region_mask_description
         self.corpus = None if corpus is None else dict(corpus)
         self.forecast_target = forecast_target
-        self.increment_scale = None if increment_scale is None else {
-            str(name): {str(lead): float(value) for lead, value in per_lead.items()}
-            for name, per_lead in increment_scale.items()
-        }  # fmt: skip
+        self.increment_scale = _per_target_lead_table(increment_scale)
+        self.anomaly_damping = _per_target_lead_table(anomaly_damping)
         self.time_features = list(time_features)
         self.initializer_range = initializer_range
         _refuse_misspelled_fields(kwargs)
@@ -429,37 +428,58 @@ class TopoFlowConfig(PretrainedConfig):
                 f"TopoFlowConfig.forecast_target must be one of {list(FORECAST_TARGETS)}, got "
                 f"{self.forecast_target!r}."
             )
+        if self.forecast_target != "anomaly" and self.anomaly_damping is not None:
+            raise ValueError(
+                f"TopoFlowConfig.anomaly_damping is set but forecast_target="
+                f"{self.forecast_target!r}; it only applies to forecast_target='anomaly'."
+            )
         if self.forecast_target == "field":
             if self.increment_scale is not None:
                 raise ValueError(
                     "TopoFlowConfig.increment_scale is set but forecast_target='field'; it only "
-                    "applies to forecast_target='increment'."
+                    "applies to forecast_target='increment' or 'anomaly'."
                 )
             return
         not_inputs = [name for name in self.target_variables if name not in self.variables]
         if not_inputs:
             raise ValueError(
-                f"TopoFlowConfig.forecast_target='increment' adds the head's output to the input "
-                f"state, but target variables {not_inputs} are not among variables."
+                f"TopoFlowConfig.forecast_target={self.forecast_target!r} adds the head's output "
+                f"to the input state, but target variables {not_inputs} are not among variables."
             )
-        if self.increment_scale is None:
-            return
+        if self.forecast_target == "anomaly":
+            missing = [name for name in TIME_FEATURES if name not in self.time_features]
+            if missing:
+                raise ValueError(
+                    f"TopoFlowConfig.forecast_target='anomaly' evaluates the climatology at the "
+                    f"init and valid times, but time_features lacks {missing}."
+                )
+            if self.anomaly_damping is None:
+                raise ValueError(
+                    "TopoFlowConfig.forecast_target='anomaly' needs anomaly_damping (per target "
+                    "and lead, fitted on the training split: topoflow/data/anomaly_base.py)."
+                )
+            self._check_table("anomaly_damping", lambda v: math.isfinite(v), "finite")
+        if self.increment_scale is not None:
+            self._check_table("increment_scale", lambda v: math.isfinite(v) and v > 0,
+                              "finite and > 0")  # fmt: skip
+
+    def _check_table(self, field: str, accept: Any, meaning: str) -> None:
+        """A {target: {lead: value}} field covers every target and lead, each value accepted."""
+        table = getattr(self, field)
         leads = [str(int(lead)) for lead in self.lead_times_hours]
         for name in self.target_variables:
-            per_lead = self.increment_scale.get(name)
+            per_lead = table.get(name)
             if per_lead is None:
-                raise ValueError(f"TopoFlowConfig.increment_scale has no entry for {name!r}.")
+                raise ValueError(f"TopoFlowConfig.{field} has no entry for {name!r}.")
             missing = [lead for lead in leads if lead not in per_lead]
             if missing:
                 raise ValueError(
-                    f"TopoFlowConfig.increment_scale[{name!r}] has no scale for lead(s) {missing} "
-                    f"h of lead_times_hours."
+                    f"TopoFlowConfig.{field}[{name!r}] has no value for lead(s) {missing} h of "
+                    f"lead_times_hours."
                 )
-            bad = {lead: v for lead, v in per_lead.items() if not (math.isfinite(v) and v > 0)}
+            bad = {lead: v for lead, v in per_lead.items() if not accept(v)}
             if bad:
-                raise ValueError(
-                    f"TopoFlowConfig.increment_scale[{name!r}] must be finite and > 0, got {bad}."
-                )
+                raise ValueError(f"TopoFlowConfig.{field}[{name!r}] must be {meaning}, got {bad}.")
 
     def _check_time_features(self) -> None:
         unknown = [name for name in self.time_features if name not in TIME_FEATURES]
@@ -474,6 +494,16 @@ class TopoFlowConfig(PretrainedConfig):
 
 _INT_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_depth")
 _REAL_FIELDS = ("mlp_ratio", "drop_path", "drop_rate", "attention_dropout", "initializer_range")
+
+
+def _per_target_lead_table(
+    table: Mapping[str, Mapping[str, float]] | None,
+) -> dict[str, dict[str, float]] | None:
+    """{target: {lead: value}} with string leads (as JSON stores them) and float values."""
+    if table is None:
+        return None
+    return {str(name): {str(lead): float(value) for lead, value in per_lead.items()}
+            for name, per_lead in table.items()}  # fmt: skip
 
 
 def _check_int(field: str, value: Any) -> None:

@@ -52,7 +52,7 @@ from topoflow.training.guards import NonFiniteGuard, TrainingAborted
 from topoflow.training.model_setup import (
     LoadingReport,
     MissingKeysError,
-    build_from_scratch_config,
+    build_from_scratch,
     check_corpus_matches_config,
     make_loading_report,
     select_trainable,
@@ -209,13 +209,15 @@ def load_model(args: Any, meta: Any, accelerator: Accelerator, corpus: Path | No
         ("elevation_input_masked", args.mask_elevation_input)) if wanted}
     extra.update(ablations)
     if args.from_scratch:
-        config = build_from_scratch_config(
+        config, anomaly_base = build_from_scratch(
             args.config, meta, elevation_blocks=args.elevation_blocks,
             elevation_scale=args.elevation_scale, alpha_init=args.alpha_init,
             elevation_direction=args.elevation_direction, corpus=corpus)
         for key, value in ablations.items():
             setattr(config, key, value)
         model = TopoFlowForForecasting(config)
+        if anomaly_base is not None:
+            anomaly_base.load_into(model)
         if args.attn_implementation is not None:
             model.set_attn_implementation(args.attn_implementation)
         new_keys = [name for name, _ in model.named_parameters()]

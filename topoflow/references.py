@@ -64,6 +64,7 @@ class DampedPersistence:
         shape = (len(leads), len(self.target_variables))
         self.cross = torch.zeros(shape, dtype=torch.float64)  # sum a_init * a_valid
         self.energy = torch.zeros(shape, dtype=torch.float64)  # sum a_init ** 2
+        self.valid_energy = torch.zeros(shape, dtype=torch.float64)  # sum a_valid ** 2
         self.count = torch.zeros(shape, dtype=torch.float64)  # cells that entered the sums
 
     def add_pairs(
@@ -93,6 +94,7 @@ class DampedPersistence:
         index = self.lead_times_hours.index(int(lead_hours))
         self.cross[index] += torch.from_numpy(np.einsum("nvhw,nvhw->v", a0, a1))
         self.energy[index] += torch.from_numpy(np.einsum("nvhw,nvhw->v", a0, a0))
+        self.valid_energy[index] += torch.from_numpy(np.einsum("nvhw,nvhw->v", a1, a1))
         self.count[index] += torch.from_numpy(valid.sum((0, 2, 3)).astype(np.float64))
 
     @property
@@ -108,6 +110,13 @@ class DampedPersistence:
         if empty:
             raise ValueError(f"damped persistence has no training anomaly for {', '.join(empty)}")
         return self.cross / self.energy
+
+    def residual_mean_square(self, factors: torch.Tensor | None = None) -> torch.Tensor:
+        """(L, V) mean over the fitting cells of (a_valid - factor x a_init) ** 2: what damped
+        persistence leaves, from the same sums (the fitted factors by default)."""
+        factors = self.factors if factors is None else factors
+        total = self.valid_energy - 2 * factors * self.cross + factors**2 * self.energy
+        return total.clamp(min=0) / self.count.clamp(min=1)
 
     def forecast(self, init_state: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """Forecast `(B, V, H, W)` float64 in physical units from the state at init time (physical
@@ -129,7 +138,8 @@ class DampedPersistence:
             "target_variables": json.dumps(self.target_variables),
             "lead_times_hours": json.dumps(self.lead_times_hours),
         }
-        tensors = {"cross": self.cross, "energy": self.energy, "count": self.count}
+        tensors = {"cross": self.cross, "energy": self.energy, "count": self.count,
+                   "valid_energy": self.valid_energy}
         path = Path(path)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
         return path
@@ -152,14 +162,14 @@ class DampedPersistence:
             )
         fitted = cls(climatology, json.loads(metadata["lead_times_hours"]))
         tensors = load_file(str(path))
-        for name in ("cross", "energy", "count"):
+        for name in ("cross", "energy", "count", "valid_energy"):
             if name not in tensors or tensors[name].shape != fitted.cross.shape:
                 raise ValueError(f"{path}: tensor {name!r} missing or of the wrong shape")
             setattr(fitted, name, tensors[name].double())
         return fitted
 
 
-def _split_shards(
+def split_shards(
     corpus: str | os.PathLike, meta: CorpusMetadata, split: str, revision: str | None
 ) -> Iterator[tuple[ShardInfo, Path]]:
     """(shard, local corpus root) for each shard of `split`, downloading Hub shards."""
@@ -168,7 +178,7 @@ def _split_shards(
         yield shard, path.parents[len(Path(shard.file).parts) - 1]
 
 
-def _stack_targets(fields: dict[str, np.ndarray], targets: Sequence[str]) -> torch.Tensor:
+def stack_targets(fields: dict[str, np.ndarray], targets: Sequence[str]) -> torch.Tensor:
     return torch.from_numpy(np.stack([fields[v] for v in targets], axis=1)).double()
 
 
@@ -194,10 +204,10 @@ def build_climatology(
     meta = CorpusMetadata.load(corpus, revision=revision)
     _check_targets(meta, target_variables, "climatology")
     clim = Climatology(target_variables, (meta.height, meta.width), hours_per_bin=hours_per_bin)
-    for shard, root in _split_shards(corpus, meta, split, revision):
+    for shard, root in split_shards(corpus, meta, split, revision):
         time_hour, is_halo, fields = read_shard(root, shard, meta)
         own = ~is_halo
-        clim.add_physical(_stack_targets(fields, target_variables)[own], time_hour[own])
+        clim.add_physical(stack_targets(fields, target_variables)[own], time_hour[own])
     return clim
 
 
@@ -222,9 +232,9 @@ def fit_damped_persistence(
     static = read_static(resolve_corpus_file(corpus, STATIC_FILE, revision=revision), meta)
     region_mask = torch.from_numpy(np.asarray(static["region_id"]) != 0)
     fitted = DampedPersistence(climatology, lead_times_hours)
-    for shard, root in _split_shards(corpus, meta, split, revision):
+    for shard, root in split_shards(corpus, meta, split, revision):
         time_hour, _, fields = read_shard(root, shard, meta)
-        values = _stack_targets(fields, climatology.target_variables)
+        values = stack_targets(fields, climatology.target_variables)
         anomaly = values - climatology.forecast(torch.from_numpy(time_hour * 1000))  # (T, V, H, W)
         for lead in fitted.lead_times_hours:
             k = lead // step

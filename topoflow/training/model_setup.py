@@ -18,12 +18,14 @@ from typing import Any
 import torch
 
 from configuration_topoflow import TIME_FEATURES
+from topoflow.data.anomaly_base import AnomalyBase, fit_anomaly_base
 from topoflow.data.increment_scale import TRAIN_SPLIT_SCALE, increment_scale
 
 __all__ = [
     "CONFIG_PRESETS",
     "LoadingReport",
     "MissingKeysError",
+    "build_from_scratch",
     "build_from_scratch_config",
     "check_corpus_matches_config",
     "expected_new_keys",
@@ -41,12 +43,19 @@ CONFIG_PRESETS: dict[str, dict[str, Any]] = {
              "decoder_depth": 2, "drop_path": 0.0, "drop_rate": 0.0},
     # topoflow-base (issue 12): 128 tokens of patch 4 on the default 32 x 64 grid, each wide
     # enough (embed 96 = 6 targets x 16 cells) to carry its patch; the head predicts the
-    # increment over the input state, scaled per target and lead by the training split; the
-    # time of day and of year of the initialization and the valid time are inputs.
+    # correction to damped anomaly persistence (climatology, damping and scale fitted on the
+    # training split: topoflow/data/anomaly_base.py), so training starts from a forecaster that
+    # beats persistence and climatology; the time of day and of year of the initialization and
+    # the valid time are inputs (the climatology is evaluated at them).
     "base": {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0,
              "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0,
-             "forecast_target": "increment", "increment_scale": TRAIN_SPLIT_SCALE,
-             "time_features": list(TIME_FEATURES)},
+             "forecast_target": "anomaly", "anomaly_damping": TRAIN_SPLIT_SCALE,
+             "increment_scale": TRAIN_SPLIT_SCALE, "time_features": list(TIME_FEATURES)},
+    # The previous base (issue 12, first retrain): the increment over the input state.
+    "base-increment": {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 4,
+                       "mlp_ratio": 4.0, "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0,
+                       "forecast_target": "increment", "increment_scale": TRAIN_SPLIT_SCALE,
+                       "time_features": list(TIME_FEATURES)},
     # The terrain-worlds controls (docs/experiment.md): the previous `base` (full-field head, no
     # calendar inputs) at patch 2, so the 16 x 32 worlds
     # give 128 tokens of 2 x 2 cells (blocking that crosses patch faces is twice that at patch 4).
@@ -114,14 +123,22 @@ def make_loading_report(info: Mapping[str, Any], blocks: Sequence[int], *, model
     return report
 
 
-def build_from_scratch_config(config_arg: str, corpus_meta: Any, *, elevation_blocks: list[int],
-                              elevation_scale: float, alpha_init: float,
-                              elevation_direction: str | None = None,
-                              corpus: str | Path | None = None) -> Any:
-    """TopoFlowConfig from a preset name or a config.json, completed from the corpus metadata.
+def build_from_scratch_config(config_arg: str, corpus_meta: Any, **kwargs: Any) -> Any:
+    """The TopoFlowConfig of `build_from_scratch` (same arguments)."""
+    return build_from_scratch(config_arg, corpus_meta, **kwargs)[0]
 
-    `increment_scale: "train-split"` (the `base` preset) is computed from `corpus`'s training
-    split (topoflow/data/increment_scale.py) and stored in the config as numbers.
+
+def build_from_scratch(config_arg: str, corpus_meta: Any, *, elevation_blocks: list[int],
+                       elevation_scale: float, alpha_init: float,
+                       elevation_direction: str | None = None,
+                       corpus: str | Path | None = None) -> tuple[Any, AnomalyBase | None]:
+    """TopoFlowConfig from a preset name or a config.json, completed from the corpus metadata,
+    and the fitted anomaly base a `forecast_target="anomaly"` model must load (else None).
+
+    `"train-split"` in `increment_scale` or `anomaly_damping` (the `base` preset) is computed
+    from `corpus`'s training split (topoflow/data/increment_scale.py, anomaly_base.py) and stored
+    in the config as numbers; the anomaly climatology goes into the weights
+    (`AnomalyBase.load_into`).
     """
     from configuration_topoflow import (
         DEFAULT_LEAD_TIMES_HOURS,
@@ -168,15 +185,29 @@ def build_from_scratch_config(config_arg: str, corpus_meta: Any, *, elevation_bl
     if elevation_direction is not None:
         fields["elevation_bias_direction"] = elevation_direction
     fields.update(overrides)
-    if fields.get("increment_scale") == TRAIN_SPLIT_SCALE:
-        if corpus is None:
-            raise ValueError(f"--config {config_arg}: increment_scale {TRAIN_SPLIT_SCALE!r} needs "
-                             f"the corpus to compute it from")
+    normalization = {"mean": fields["variable_mean"], "std": fields["variable_std"]}
+    fitted = [key for key in ("increment_scale", "anomaly_damping")
+              if fields.get(key) == TRAIN_SPLIT_SCALE]  # fmt: skip
+    if fitted and corpus is None:
+        raise ValueError(f"--config {config_arg}: {fitted} {TRAIN_SPLIT_SCALE!r} needs the corpus "
+                         f"to compute them from")
+    anomaly_base = None
+    if fields.get("forecast_target") == "anomaly":
+        if fields.get("anomaly_damping") != TRAIN_SPLIT_SCALE:
+            raise ValueError(f"--config {config_arg}: forecast_target 'anomaly' from scratch needs "
+                             f"anomaly_damping {TRAIN_SPLIT_SCALE!r}: its climatology is fitted "
+                             f"with the damping")  # fmt: skip
+        anomaly_base = fit_anomaly_base(
+            corpus, target_variables=targets, lead_times_hours=fields["lead_times_hours"],
+            normalization=normalization)  # fmt: skip
+        fields["anomaly_damping"] = anomaly_base.damping
+        if fields.get("increment_scale") == TRAIN_SPLIT_SCALE:
+            fields["increment_scale"] = anomaly_base.scale
+    elif fields.get("increment_scale") == TRAIN_SPLIT_SCALE:
         fields["increment_scale"] = increment_scale(
             corpus, variables=variables, target_variables=targets,
-            lead_times_hours=fields["lead_times_hours"],
-            normalization={"mean": fields["variable_mean"], "std": fields["variable_std"]})
-    return TopoFlowConfig(**fields)
+            lead_times_hours=fields["lead_times_hours"], normalization=normalization)
+    return TopoFlowConfig(**fields), anomaly_base
 
 
 def check_corpus_matches_config(config: Any, corpus_meta: Any) -> None:
