@@ -1061,6 +1061,13 @@ class TopoFlowForForecasting(TopoFlowPreTrainedModel):
 
     def _check_loaded(self, info: dict[str, Any], overrides: dict[str, Any]) -> None:
         super()._check_loaded(info, overrides)
+        if any(key.startswith("climatology.") for key in info["missing_keys"]):
+            # transformers would leave it at zero: the mean everywhere, a silently worse forecast.
+            raise ValueError(
+                "The checkpoint has no climatology.coefficients, which forecast_target='anomaly' "
+                "needs (fitted on the training split: topoflow/data/anomaly_base.py); it was "
+                "saved by another model or its weights file is incomplete."
+            )
         # transformers only warns when head weights are missing or unexpected and then leaves them
         # random (the 2.27-instead-of-0.36 val loss); a head that does not match must fail instead.
         head_keys = sorted(

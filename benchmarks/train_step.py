@@ -6,7 +6,7 @@ step (interleaved) and the medians are compared; then each model's peak extra re
 one step is measured. Sizes:
 
     default    the `base` preset on the embedded corpus grid (32 x 64, patch 4: N = 128 tokens,
-               D = 96, increment head, calendar inputs), also timed against the preset that
+               D = 96, anomaly head, calendar inputs), also timed against the preset that
                made the previous topoflow-base (D = 64, full-field head, no calendar inputs)
     n2048      the `base` preset on the researchers' 128 x 256 grid at patch 4 (N = 2048 tokens)
     reference  TopoFlowConfig() itself: 128 x 256, patch 2 (N = 8192), D = 768, depth 6
@@ -36,16 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configuration_topoflow import TopoFlowConfig  # noqa: E402
 from modeling_topoflow import TopoFlowForForecasting  # noqa: E402
 from topoflow.data.time_features import encode_time_features  # noqa: E402
-from topoflow.training.model_setup import CONFIG_PRESETS  # noqa: E402
+from topoflow.training.model_setup import preset_for_timing  # noqa: E402
 
 __all__ = ["main"]
 
-# The scale's values do not change the cost; the preset computes them from the corpus.
-_UNIT_SCALE = {name: {str(lead): 1.0 for lead in (12, 24, 48, 96)}
-               for name in ("pm25", "pm10", "so2", "no2", "co", "o3")}  # fmt: skip
 SIZES = {
-    "default": {**CONFIG_PRESETS["base"], "img_size": (32, 64), "increment_scale": _UNIT_SCALE},
-    "n2048": {**CONFIG_PRESETS["base"], "img_size": (128, 256), "increment_scale": _UNIT_SCALE},
+    "default": {**preset_for_timing("base"), "img_size": (32, 64)},
+    "n2048": {**preset_for_timing("base"), "img_size": (128, 256)},
     "reference": {},
 }
 # The `base` preset before issue 12 (how the previous topoflow-base was trained).

@@ -118,7 +118,7 @@ def test_lead_without_an_increment_scale_is_refused():
         ({"variables": ["u", "v", "pm25", "elevation"], "increment_scale": None},
          r"target variables \['pm10', 'so2', 'no2', 'co', 'o3'\] are not among variables"),
         ({"increment_scale": {**_scale(), "o3": {"12": 1.0}}},
-         r"increment_scale\['o3'\] has no scale for lead\(s\) \['24', '48', '96'\]"),
+         r"increment_scale\['o3'\] has no value for lead\(s\) \['24', '48', '96'\]"),
         ({"increment_scale": {k: v for k, v in _scale().items() if k != "co"}},
          "increment_scale has no entry for 'co'"),
         ({"increment_scale": {**_scale(), "co": {str(lead): 0.0 for lead in LEADS}}},
