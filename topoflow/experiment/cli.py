@@ -220,7 +220,7 @@ def run_experiment(args: argparse.Namespace, log: Any = _log) -> dict:
                              budget=budget, launcher=args.launcher, jobs=args.jobs,
                              threads=args.threads, log=log)
     check_runs(records)
-    ctx = CorpusContext(corpus)
+    ctx = CorpusContext(corpus, split=args.eval_split)
     plan["corpus_provenance"] = {k: ctx.meta.provenance.get(k)
                                  for k in ("source", "size", "seed", "terrain_blocking")}
     plan["eval"] = {"split": args.eval_split, "init_stride": args.eval_init_stride,

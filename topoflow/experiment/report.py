@@ -27,15 +27,21 @@ from .analysis import ArmComparison, compare_arm, pooled_scores
 from .arms import CONTROL
 from .evaluate import EvaluationResult, test_loss_row
 from .runner import RunRecord
+from .terrain import MapWorld, has_per_sample_elevation, map_worlds
 
 __all__ = ["PER_SEED_LOSSES", "CorpusContext", "pilot_summary", "read_val_curve", "run_alphas",
            "seed_level_lines", "write_report"]
 
 
 class CorpusContext:
-    """What the report needs from the corpus: elevation, regions, extent, units, provenance."""
+    """What the report needs from the corpus: elevation, regions, extent, units, provenance.
 
-    def __init__(self, corpus: str | Path) -> None:
+    A corpus with one static terrain gives `elevation_m` (H, W) and its named regions. A corpus
+    with a terrain per sample (the terrain worlds) has neither: `elevation_m` and the regions are
+    None, the elevation bands come from each sample's own elevation (`terrain.TerrainMetrics`) and
+    `map_worlds` are the held-out worlds of `split` drawn on the gain maps and bias panels."""
+
+    def __init__(self, corpus: str | Path, split: str = "test") -> None:
         from topoflow.corpus import CorpusMetadata
         from topoflow.corpus.schema import STATIC_FILE
         from topoflow.corpus.shards import read_static
@@ -43,9 +49,16 @@ class CorpusContext:
 
         self.path = Path(corpus)
         self.meta = CorpusMetadata.load(self.path)
-        static = read_static(self.path / STATIC_FILE, self.meta)
-        self.elevation_m = static["elevation"].astype(np.float64)
-        self.region_codes, self.region_names = regions_from_corpus(self.path)
+        self.per_sample_elevation = has_per_sample_elevation(self.meta)
+        self.map_worlds: list[MapWorld] = []
+        if self.per_sample_elevation:
+            self.elevation_m = None
+            self.region_codes, self.region_names = None, None
+            self.map_worlds = map_worlds(self.path, split)
+        else:
+            static = read_static(self.path / STATIC_FILE, self.meta)
+            self.elevation_m = static["elevation"].astype(np.float64)
+            self.region_codes, self.region_names = regions_from_corpus(self.path)
         grid = self.meta.grid
         self.extent = (grid["lon_min"], grid["lon_max"], grid["lat_min"], grid["lat_max"])
         self.units = dict(self.meta.units)
@@ -240,6 +253,7 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
              ctx: CorpusContext, variables: Sequence[str], patch_size: int, h_scales: Mapping,
              alphas: Mapping, directions: Mapping[str, str]) -> list[dict[str, str]]:
     figures = []
+    placebos = {r.arm: _run_is_placebo(r.path) for r in records}
     curves: dict[str, dict[int, tuple]] = {}
     for r in records:
         curves.setdefault(r.arm, {})[r.seed] = read_val_curve(r.path)
@@ -248,13 +262,7 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
                     "validation subset) of every arm during fine-tuning; line: mean over seeds, "
                     "band: min-max over seeds."})
     for arm, comp in comparisons.items():
-        path = plot_gain_maps(comp.gain_map, variables, out / f"gain_map_{arm}.png",
-                              elevation_m=ctx.elevation_m, extent=ctx.extent,
-                              title=f"Relative RMSE gain of {arm} over the control per cell, "
-                                    "pooled over seeds (blue: arm better)")
-        figures.append({"file": path.name, "caption": f"Per-cell relative RMSE gain "
-                        f"1 - RMSE_{arm} / RMSE_control on the evaluation split, per pollutant, "
-                        "with elevation contours; blue cells favour the arm."})
+        figures.append(_gain_map_figure(out, arm, comp, ctx, variables))
         path = plot_gain_bars(comp.gains, out / f"gain_bars_{arm}.png",
                               title=f"Relative MSE gain of {arm} over the control")
         figures.append({"file": path.name, "caption": f"Relative MSE gain of {arm} per "
@@ -264,7 +272,10 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
         if block0:
             alpha = float(np.mean(block0))
             direction = directions.get(arm, "downslope")
-            path = plot_attention_bias(ctx.elevation_m, out / f"attention_bias_{arm}.png",
+            # A terrain per sample: draw the bias on a held-out world's own terrain.
+            world = ctx.map_worlds[0] if ctx.map_worlds else None
+            elevation = ctx.elevation_m if world is None else world.elevation_m
+            path = plot_attention_bias(elevation, out / f"attention_bias_{arm}.png",
                                        patch_size=patch_size, alpha=alpha,
                                        h_scale_m=float(h_scales.get(arm, 1000.0)),
                                        extent=ctx.extent, direction=direction)
@@ -274,11 +285,47 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
             caption = (f"Attention bias of block 0 of {arm} ({direction}) with its learned alpha "
                        f"(mean over seeds, {alpha:.4f}) for {where} (star): darker = stronger "
                        f"penalty on attending to that {what} patch.")
+            if world is not None:
+                caption += (f" Terrain: held-out world {world.name} of the evaluation split "
+                            "(every sample has its own terrain; the bias is drawn on this one's).")
+            if placebos.get(arm):
+                caption += (" This is a placebo arm: the model computes this bias from a random "
+                            "per-sample shuffle of the patch heights, not from this geography.")
             if alpha <= 0:
                 caption += (" The learned alpha is <= 0, so the bias is zero everywhere and the "
                             "right panel is uniformly 0: this arm ended with no elevation bias.")
             figures.append({"file": path.name, "caption": caption})
     return figures
+
+
+def _run_is_placebo(run_path: str | Path) -> bool:
+    config = Path(run_path) / "model" / "config.json"
+    return bool(config.is_file() and json.loads(config.read_text()).get("elevation_bias_placebo"))
+
+
+def _gain_map_figure(out: Path, arm: str, comp: ArmComparison, ctx: CorpusContext,
+                     variables: Sequence[str]) -> dict[str, str]:
+    """The gain map of one arm: per pollutant on a static terrain, per held-out world on a
+    corpus with a terrain per sample (each panel with that world's elevation contours)."""
+    path = out / f"gain_map_{arm}.png"
+    if not ctx.map_worlds:
+        plot_gain_maps(comp.gain_map, variables, path, elevation_m=ctx.elevation_m,
+                       extent=ctx.extent, title=f"Relative RMSE gain of {arm} over the control "
+                                                "per cell, pooled over seeds (blue: arm better)")
+        return {"file": path.name, "caption": f"Per-cell relative RMSE gain 1 - RMSE_{arm} / "
+                "RMSE_control on the evaluation split, per pollutant, with elevation contours; "
+                "blue cells favour the arm."}
+    names = [f"world {w.name}" for w in ctx.map_worlds]
+    plot_gain_maps(comp.gain_map, names, path,
+                   elevation_m=np.stack([w.elevation_m for w in ctx.map_worlds]),
+                   extent=ctx.extent, title=f"Relative RMSE gain of {arm} over the control per "
+                                            "cell on held-out worlds, pooled over seeds, "
+                                            "pollutants and leads (blue: arm better)")
+    return {"file": path.name, "caption": f"Per-cell relative RMSE gain 1 - RMSE_{arm} / "
+            "RMSE_control (normalized units, all pollutants and leads) on the first "
+            f"{len(names)} worlds of the evaluation split, terrains never seen in training, "
+            "each with its own elevation contours; blue cells favour the arm. A world has only "
+            "its few initialization times, so single cells are noisy."}
 
 
 def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Sequence[RunRecord],
@@ -303,6 +350,7 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
     comparisons = {
         arm: compare_arm(evals, arm, variables=variables, elevation_m=ctx.elevation_m,
                          region_codes=ctx.region_codes, region_names=ctx.region_names,
+                         map_worlds=[w.name for w in ctx.map_worlds],
                          n_boot=n_boot, margin=margin, target_mde=target_mde)
         for arm in evals if arm != CONTROL}
     scores = {arm: pooled_scores(by_seed, config, ctx.units) for arm, by_seed in evals.items()}
