@@ -32,7 +32,8 @@ def worlds(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def experiment(worlds: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("experiment") / "exp"
     code = main(["--output-dir", str(out), "--corpus", str(worlds), "--arms", "control",
-                 "upslope", "placebo", "--seeds", "0", "--no-climatology", *STEPS])
+                 "upslope", "placebo", "--seeds", "0", "--no-climatology", "--versus",
+                 "upslope:placebo", *STEPS])
     assert code == 0
     return out
 
@@ -112,3 +113,22 @@ def test_worlds_experiment_reports_bands_maps_and_panels(experiment: Path) -> No
     assert "placebo arm" in captions["attention_bias_placebo.png"]
     assert "placebo arm" not in captions["attention_bias_upslope.png"]
     assert (experiment / "report" / "report.md").read_text().count("each sample's own terrain")
+
+
+def test_versus_judges_the_arm_against_the_placebo_not_the_control(experiment: Path) -> None:
+    report = json.loads((experiment / "report" / "report.json").read_text())
+    verdict = report["versus"]["upslope vs placebo"]["verdict"]
+    placebo = load_evaluation(experiment / "eval" / "placebo" / "seed0").per_sample.loss.mean()
+    upslope = load_evaluation(experiment / "eval" / "upslope" / "seed0").per_sample.loss.mean()
+    assert (verdict["control"], verdict["arm"]) == ("placebo", "upslope")
+    assert verdict["gain_per_seed"][0] == pytest.approx(1 - float(upslope / placebo), rel=1e-9)
+    assert "## Verdict: upslope vs placebo" in (experiment / "report" / "report.md").read_text()
+
+
+def test_versus_naming_an_arm_not_run_is_refused(experiment: Path, worlds: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    code = main(["--output-dir", str(experiment), "--corpus", str(worlds), "--arms", "control",
+                 "upslope", "placebo", "--seeds", "0", "--no-climatology", "--versus",
+                 "upslope:topoflow", *STEPS])
+    assert code == 2
+    assert "arms ['topoflow'] were not run" in capsys.readouterr().err

@@ -21,9 +21,15 @@ from topoflow.figures import (
     plot_gain_maps,
     plot_val_loss_curves,
 )
-from topoflow.seed_stats import DEFAULT_MARGIN, SeedVerdict, format_p, format_percent
+from topoflow.seed_stats import (
+    DEFAULT_MARGIN,
+    SeedVerdict,
+    format_p,
+    format_percent,
+    seed_verdict_from_losses,
+)
 
-from .analysis import ArmComparison, compare_arm, pooled_scores
+from .analysis import ArmComparison, compare_arm, per_seed_losses, pooled_scores
 from .arms import CONTROL
 from .evaluate import EvaluationResult, test_loss_row
 from .runner import RunRecord
@@ -333,11 +339,13 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
                  ctx: CorpusContext, h_scales: Mapping[str, float], n_boot: int = 2000,
                  directions: Mapping[str, str] | None = None,
                  references: Mapping[str, EvaluationResult] | None = None,
-                 margin: float = DEFAULT_MARGIN, target_mde: float | None = None) -> dict:
+                 margin: float = DEFAULT_MARGIN, target_mde: float | None = None,
+                 versus: Sequence[tuple[str, str]] = ()) -> dict:
     """Compute every comparison, draw the figures, write report.md and report.json.
 
     `references` ({name: result} of the reference forecasts scored on the same samples) add
-    their test loss and scores beside the arms'."""
+    their test loss and scores beside the arms'. `versus` ((arm, reference arm) pairs) adds a
+    seed-level verdict of an arm against another arm than the control (e.g. the placebo)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # A rerun with fewer arms must not leave the figures of the dropped arms beside the new report.
@@ -353,6 +361,10 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
                          map_worlds=[w.name for w in ctx.map_worlds],
                          n_boot=n_boot, margin=margin, target_mde=target_mde)
         for arm in evals if arm != CONTROL}
+    pairwise = {f"{arm} vs {reference}": seed_verdict_from_losses(
+        per_seed_losses(evals[reference]), per_seed_losses(evals[arm]), arm_name=arm,
+        control_name=reference, margin=margin, target_mde=target_mde, n_boot=n_boot)
+        for arm, reference in versus}
     scores = {arm: pooled_scores(by_seed, config, ctx.units) for arm, by_seed in evals.items()}
     references = dict(references or {})
     test_losses = _test_losses(evals, references, list(config.lead_times_hours))
@@ -368,6 +380,8 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
         "runs": [r.to_dict() for r in records],
         "comparisons": {arm: {**c.to_dict(), "pilot_summary": pilot_summary(c.verdict)}
                         for arm, c in comparisons.items()},
+        "versus": {name: {"verdict": v.to_dict(), "pilot_summary": pilot_summary(v)}
+                   for name, v in pairwise.items()},
         "scores": scores,
         "test_loss": test_losses,
         "learned_alpha": {a: {str(s): v for s, v in b.items()} for a, b in alphas.items()},
@@ -376,7 +390,7 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     _save_per_seed_losses(out / PER_SEED_LOSSES, evals)
     (out / "report.md").write_text(_markdown(plan, records, comparisons, scores, alphas,
-                                             figures, variables, test_losses))
+                                             figures, variables, test_losses, pairwise))
     return report
 
 
@@ -398,7 +412,8 @@ def _pilot_line(v: SeedVerdict) -> str:
 def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
               comparisons: Mapping[str, ArmComparison], scores: Mapping[str, dict],
               alphas: Mapping, figures: Sequence[Mapping[str, str]],
-              variables: Sequence[str], test_losses: Mapping[str, Mapping[str, float]]) -> str:
+              variables: Sequence[str], test_losses: Mapping[str, Mapping[str, float]],
+              pairwise: Mapping[str, SeedVerdict] | None = None) -> str:
     seeds = sorted({r.seed for r in records})
     md = [f"# Experiment: {plan.get('title', 'does the elevation bias help?')}", ""]
     md += ["## Setup", ""]
@@ -421,6 +436,7 @@ def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
         md += ["**Pilot:** this run sizes the experiment; its verdicts are not results. Seeds "
                "needed for the target minimum detectable effect:", ""]
         md += [f"- {arm}: {_pilot_line(comp.verdict)}" for arm, comp in comparisons.items()]
+        md += [f"- {name}: {_pilot_line(v)}" for name, v in (pairwise or {}).items()]
         md += [""]
     for arm, comp in comparisons.items():
         v = comp.verdict
@@ -444,6 +460,14 @@ def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
                _gain_table(comp.gains), ""]
         md += ["### By elevation band and named region (relative RMSE gain, pooled over seeds)",
                "", comp.regions["markdown"], ""]
+    for name, v in (pairwise or {}).items():
+        md += [f"## Verdict: {name}", "",
+               f"**Verdict ({v.verdict}, training seed as the unit):** {v.text}", "",
+               *seed_level_lines(v), "", "| seed | " f"{v.control} test loss | {v.arm} test "
+               "loss | change (positive: arm lower) |", "|---:|---:|---:|---:|"]
+        md += [f"| {s} | {c:.5f} | {a:.5f} | {_pct(g)} |" for s, c, a, g in
+               zip(v.seeds, v.control_loss, v.arm_loss, v.gain_per_seed, strict=True)]
+        md += [""]
     md += ["## Learned elevation alpha", "", _alpha_table(alphas), ""]
     dead = _dead_alpha_runs(alphas)
     if dead:
