@@ -177,7 +177,8 @@ def _per_sample_terrain_regions(c_state: Mapping[str, torch.Tensor],
                          "per-sample elevation sums (evaluated before they existed?): delete "
                          "the experiment's eval/ folder and rerun")
     rows = band_rows(c_state, a_state, variables)
-    markdown = format_region_table(rows, title="elevation band (each sample's own terrain)")
+    markdown = format_region_table(
+        rows, title="elevation band (each sample's own terrain; cells: sample-cells, all seeds)")
     gmap = gain_map(c_state["map_sq_err"], c_state["map_count"], a_state["map_sq_err"],
                     a_state["map_count"])
     regions = {"elevation_band": [r.to_dict() for r in rows], "region": [],

@@ -380,7 +380,7 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
         "runs": [r.to_dict() for r in records],
         "comparisons": {arm: {**c.to_dict(), "pilot_summary": pilot_summary(c.verdict)}
                         for arm, c in comparisons.items()},
-        "versus": {name: {"verdict": v.to_dict(), "pilot_summary": pilot_summary(v)}
+        "versus": {name: {"verdict": v.to_dict(), "pilot_summary": f"{name}: {_pilot_line(v)}"}
                    for name, v in pairwise.items()},
         "scores": scores,
         "test_loss": test_losses,
