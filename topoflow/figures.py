@@ -88,7 +88,8 @@ def plot_gain_maps(
 
     The colour range is symmetric, set by the 98th percentile of |gain| over all maps (at most
     100%) so a few noisy cells do not wash out the rest; elevation contours (m) are drawn over
-    each map.
+    each map: one (H, W) field for every panel, or (V, H, W), one per panel (a terrain per
+    sample, e.g. one panel per terrain world).
     `extent` is (lon_min, lon_max, lat_min, lat_max) for geographic axes.
     """
     gain = np.asarray(gain, dtype=np.float64)
@@ -121,7 +122,8 @@ def plot_gain_maps(
             interpolation="nearest",
         )
         if elevation_m is not None:
-            _elevation_contours(ax, elevation_m, contour_levels_m, extent)
+            terrain = elevation_m if np.ndim(elevation_m) == 2 else elevation_m[k]
+            _elevation_contours(ax, terrain, contour_levels_m, extent)
         mean_gain = np.nanmean(gain[k]) if np.isfinite(gain[k]).any() else np.nan
         ax.set_title(f"{variables[k]} (cell mean {100 * mean_gain:+.1f}%)", fontsize=9)
         ax.tick_params(labelsize=7)

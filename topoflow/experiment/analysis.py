@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from topoflow.metrics import ForecastMetrics
-from topoflow.regions import gain_map, region_report
+from topoflow.regions import format_region_table, gain_map, region_report
 from topoflow.seed_stats import DEFAULT_MARGIN, SeedLosses, SeedVerdict, seed_verdict_from_losses
 from topoflow.stats import (
     SampleLevelView,
@@ -32,6 +32,7 @@ from topoflow.stats import (
 
 from .arms import CONTROL
 from .evaluate import EvaluationResult
+from .terrain import band_rows
 
 __all__ = ["ArmComparison", "compare_arm", "per_seed_losses", "pooled_scores", "pooled_state",
            "seed_mean_loss"]
@@ -123,11 +124,16 @@ def per_seed_losses(by_seed: Mapping[int, EvaluationResult]) -> SeedLosses:
 
 
 def compare_arm(evals: Evaluations, arm: str, *, variables: Sequence[str],
-                elevation_m: np.ndarray, region_codes: np.ndarray | None,
+                elevation_m: np.ndarray | None, region_codes: np.ndarray | None,
                 region_names: Mapping[int, str] | None, n_boot: int = 2000,
                 block_length: int | None = None, margin: float = DEFAULT_MARGIN,
-                target_mde: float | None = None) -> ArmComparison:
-    """The verdict, the sample-level view, gains, region tables and gain map of `arm`."""
+                target_mde: float | None = None,
+                map_worlds: Sequence[str] = ()) -> ArmComparison:
+    """The verdict, the sample-level view, gains, region tables and gain map of `arm`.
+
+    With `elevation_m` None (a terrain per sample, `terrain.TerrainMetrics` sums in the states)
+    the elevation bands come from each sample's own elevation and the gain map is one panel per
+    held-out world of `map_worlds` (pooled over targets and leads in normalized units)."""
     if CONTROL not in evals:
         raise ValueError(f"no '{CONTROL}' arm among the evaluated arms {sorted(evals)}")
     if arm not in evals:
@@ -152,8 +158,29 @@ def compare_arm(evals: Evaluations, arm: str, *, variables: Sequence[str],
     gains = gains_by_variable_and_lead(cv_ids, cv_mse, av_ids, av_mse, variables,
                                        block_length=block_length, n_boot=n_boot)
     c_state, a_state = pooled_state(control), pooled_state(treated)
-    regions = region_report(c_state, a_state, variables, elevation_m=elevation_m,
-                            region_codes=region_codes, region_names=region_names)
-    gmap = gain_map(c_state["cell_sq_err"], c_state["cell_count"], a_state["cell_sq_err"],
-                    a_state["cell_count"])
+    if elevation_m is None:
+        regions, gmap = _per_sample_terrain_regions(c_state, a_state, variables, map_worlds)
+    else:
+        regions = region_report(c_state, a_state, variables, elevation_m=elevation_m,
+                                region_codes=region_codes, region_names=region_names)
+        gmap = gain_map(c_state["cell_sq_err"], c_state["cell_count"], a_state["cell_sq_err"],
+                        a_state["cell_count"])
     return ArmComparison(arm, result, view, gains, regions, gmap, per_seed)
+
+
+def _per_sample_terrain_regions(c_state: Mapping[str, torch.Tensor],
+                                a_state: Mapping[str, torch.Tensor], variables: Sequence[str],
+                                map_worlds: Sequence[str]) -> tuple[dict, np.ndarray]:
+    """Band table from each sample's own elevation and the (M, H, W) gain map of the map worlds."""
+    if "band_sq_err" not in c_state or "map_sq_err" not in c_state:
+        raise ValueError("the corpus has a terrain per sample but the evaluation holds no "
+                         "per-sample elevation sums (evaluated before they existed?): delete "
+                         "the experiment's eval/ folder and rerun")
+    rows = band_rows(c_state, a_state, variables)
+    markdown = format_region_table(
+        rows, title="elevation band (each sample's own terrain; cells: sample-cells, all seeds)")
+    gmap = gain_map(c_state["map_sq_err"], c_state["map_count"], a_state["map_sq_err"],
+                    a_state["map_count"])
+    regions = {"elevation_band": [r.to_dict() for r in rows], "region": [],
+               "map_worlds": list(map_worlds), "markdown": markdown}
+    return regions, gmap

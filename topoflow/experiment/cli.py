@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-mde", type=_fraction("--target-mde"), default=None,
                    help="minimum detectable effect (fraction of the loss) for which the report "
                         "says how many seeds are needed; default: the margin")
+    g.add_argument("--versus", action="append", default=[], metavar="ARM:REFERENCE",
+                   help="also judge ARM against another arm REFERENCE at seed level (repeat), "
+                        "e.g. upslope:placebo for the terrain-worlds protocol")
     g.add_argument("--pilot", action="store_true",
                    help="pilot: run --seeds, then print per arm how many seeds reach "
                         "--target-mde at 80%% power; the report is marked as a pilot")
@@ -183,6 +186,21 @@ def _evaluate(out: Path, records: Sequence[RunRecord], corpus: Path, args: argpa
     return evals, {name: load_evaluation(folder) for name, folder in ref_folders.items()}
 
 
+def _parse_versus(texts: Sequence[str], evals: dict) -> list[tuple[str, str]]:
+    """`ARM:REFERENCE` pairs, both arms evaluated; ValueError naming the one that is not."""
+    pairs = []
+    for text in texts:
+        arm, sep, reference = text.partition(":")
+        if not sep or not arm or not reference or arm == reference:
+            raise ValueError(f"--versus expects ARM:REFERENCE of two different arms, got {text!r}")
+        unknown = [name for name in (arm, reference) if name not in evals]
+        if unknown:
+            raise ValueError(f"--versus {text}: arms {unknown} were not run (arms: "
+                             f"{sorted(evals)})")
+        pairs.append((arm, reference))
+    return pairs
+
+
 def _log(message: str) -> None:
     print(message, flush=True)  # progress must reach a redirected log while runs go on
 
@@ -220,7 +238,7 @@ def run_experiment(args: argparse.Namespace, log: Any = _log) -> dict:
                              budget=budget, launcher=args.launcher, jobs=args.jobs,
                              threads=args.threads, log=log)
     check_runs(records)
-    ctx = CorpusContext(corpus)
+    ctx = CorpusContext(corpus, split=args.eval_split)
     plan["corpus_provenance"] = {k: ctx.meta.provenance.get(k)
                                  for k in ("source", "size", "seed", "terrain_blocking")}
     plan["eval"] = {"split": args.eval_split, "init_stride": args.eval_init_stride,
@@ -235,7 +253,7 @@ def run_experiment(args: argparse.Namespace, log: Any = _log) -> dict:
     report = write_report(out / "report", plan=plan, records=records, evals=evals,
                           config=config, ctx=ctx, h_scales=h_scales, n_boot=args.n_boot,
                           directions=directions, references=references, margin=args.margin,
-                          target_mde=args.target_mde)
+                          target_mde=args.target_mde, versus=_parse_versus(args.versus, evals))
     log(f"report written to {out / 'report' / 'report.md'}")
     return report
 
@@ -247,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"python -m topoflow.experiment: error: {err}", file=sys.stderr)
         return 2
-    for comparison in report["comparisons"].values():
+    for comparison in [*report["comparisons"].values(), *report["versus"].values()]:
         if args.pilot:
             print(f"pilot: {comparison['pilot_summary']}")
         else:

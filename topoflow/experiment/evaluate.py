@@ -30,6 +30,8 @@ from safetensors.torch import load_file, save_file
 from topoflow.metrics import REFERENCE_NAMES, Climatology, ForecastMetrics, PerSampleErrors
 from topoflow.references import DampedPersistence, build_climatology
 
+from .terrain import TerrainMetrics, has_per_sample_elevation, map_worlds
+
 __all__ = [
     "METRICS_JSON",
     "METRICS_STATE",
@@ -181,16 +183,24 @@ def evaluate_forecasters(models: Mapping[str, Any], corpus: str | Path, *, confi
         lead_times_hours=config.lead_times_hours, normalization=normalization, shuffle=False,
         time_features=config.time_features)
 
+    common = {"target_variables": config.target_variables,
+              "lead_times_hours": config.lead_times_hours, "normalization": normalization,
+              "grid_shape": (meta.height, meta.width), "input_variables": config.variables,
+              "climatology": climatology, "units": meta.units,
+              "damped_persistence": damped_persistence}
+    worlds = map_worlds(corpus, split) if has_per_sample_elevation(meta) else None
+
     def new_metrics() -> ForecastMetrics:
-        return ForecastMetrics(
-            target_variables=config.target_variables, lead_times_hours=config.lead_times_hours,
-            normalization=normalization, grid_shape=(meta.height, meta.width),
-            input_variables=config.variables, climatology=climatology, units=meta.units,
-            damped_persistence=damped_persistence)
+        if worlds is None:
+            return ForecastMetrics(**common)
+        # A terrain per sample: elevation bands and maps follow each sample's own terrain.
+        return TerrainMetrics(**common, worlds=worlds,
+                              elevation_mean=config.variable_mean["elevation"],
+                              elevation_std=config.variable_std["elevation"])
 
     metrics = {name: new_metrics() for name in models}
     references: dict[str, ForecastMetrics] = {}
-    reference_maker = new_metrics()  # computes each batch's references once for all
+    reference_maker = ForecastMetrics(**common)  # computes each batch's references once for all
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_forecast_batch)
     for index, batch in enumerate(loader):
         if max_batches and index >= max_batches:

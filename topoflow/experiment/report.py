@@ -21,21 +21,33 @@ from topoflow.figures import (
     plot_gain_maps,
     plot_val_loss_curves,
 )
-from topoflow.seed_stats import DEFAULT_MARGIN, SeedVerdict, format_p, format_percent
+from topoflow.seed_stats import (
+    DEFAULT_MARGIN,
+    SeedVerdict,
+    format_p,
+    format_percent,
+    seed_verdict_from_losses,
+)
 
-from .analysis import ArmComparison, compare_arm, pooled_scores
+from .analysis import ArmComparison, compare_arm, per_seed_losses, pooled_scores
 from .arms import CONTROL
 from .evaluate import EvaluationResult, test_loss_row
 from .runner import RunRecord
+from .terrain import MapWorld, has_per_sample_elevation, map_worlds
 
 __all__ = ["PER_SEED_LOSSES", "CorpusContext", "pilot_summary", "read_val_curve", "run_alphas",
            "seed_level_lines", "write_report"]
 
 
 class CorpusContext:
-    """What the report needs from the corpus: elevation, regions, extent, units, provenance."""
+    """What the report needs from the corpus: elevation, regions, extent, units, provenance.
 
-    def __init__(self, corpus: str | Path) -> None:
+    A corpus with one static terrain gives `elevation_m` (H, W) and its named regions. A corpus
+    with a terrain per sample (the terrain worlds) has neither: `elevation_m` and the regions are
+    None, the elevation bands come from each sample's own elevation (`terrain.TerrainMetrics`) and
+    `map_worlds` are the held-out worlds of `split` drawn on the gain maps and bias panels."""
+
+    def __init__(self, corpus: str | Path, split: str = "test") -> None:
         from topoflow.corpus import CorpusMetadata
         from topoflow.corpus.schema import STATIC_FILE
         from topoflow.corpus.shards import read_static
@@ -43,9 +55,16 @@ class CorpusContext:
 
         self.path = Path(corpus)
         self.meta = CorpusMetadata.load(self.path)
-        static = read_static(self.path / STATIC_FILE, self.meta)
-        self.elevation_m = static["elevation"].astype(np.float64)
-        self.region_codes, self.region_names = regions_from_corpus(self.path)
+        self.per_sample_elevation = has_per_sample_elevation(self.meta)
+        self.map_worlds: list[MapWorld] = []
+        if self.per_sample_elevation:
+            self.elevation_m = None
+            self.region_codes, self.region_names = None, None
+            self.map_worlds = map_worlds(self.path, split)
+        else:
+            static = read_static(self.path / STATIC_FILE, self.meta)
+            self.elevation_m = static["elevation"].astype(np.float64)
+            self.region_codes, self.region_names = regions_from_corpus(self.path)
         grid = self.meta.grid
         self.extent = (grid["lon_min"], grid["lon_max"], grid["lat_min"], grid["lat_max"])
         self.units = dict(self.meta.units)
@@ -240,6 +259,7 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
              ctx: CorpusContext, variables: Sequence[str], patch_size: int, h_scales: Mapping,
              alphas: Mapping, directions: Mapping[str, str]) -> list[dict[str, str]]:
     figures = []
+    placebos = {r.arm: _run_is_placebo(r.path) for r in records}
     curves: dict[str, dict[int, tuple]] = {}
     for r in records:
         curves.setdefault(r.arm, {})[r.seed] = read_val_curve(r.path)
@@ -248,13 +268,7 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
                     "validation subset) of every arm during fine-tuning; line: mean over seeds, "
                     "band: min-max over seeds."})
     for arm, comp in comparisons.items():
-        path = plot_gain_maps(comp.gain_map, variables, out / f"gain_map_{arm}.png",
-                              elevation_m=ctx.elevation_m, extent=ctx.extent,
-                              title=f"Relative RMSE gain of {arm} over the control per cell, "
-                                    "pooled over seeds (blue: arm better)")
-        figures.append({"file": path.name, "caption": f"Per-cell relative RMSE gain "
-                        f"1 - RMSE_{arm} / RMSE_control on the evaluation split, per pollutant, "
-                        "with elevation contours; blue cells favour the arm."})
+        figures.append(_gain_map_figure(out, arm, comp, ctx, variables))
         path = plot_gain_bars(comp.gains, out / f"gain_bars_{arm}.png",
                               title=f"Relative MSE gain of {arm} over the control")
         figures.append({"file": path.name, "caption": f"Relative MSE gain of {arm} per "
@@ -264,7 +278,10 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
         if block0:
             alpha = float(np.mean(block0))
             direction = directions.get(arm, "downslope")
-            path = plot_attention_bias(ctx.elevation_m, out / f"attention_bias_{arm}.png",
+            # A terrain per sample: draw the bias on a held-out world's own terrain.
+            world = ctx.map_worlds[0] if ctx.map_worlds else None
+            elevation = ctx.elevation_m if world is None else world.elevation_m
+            path = plot_attention_bias(elevation, out / f"attention_bias_{arm}.png",
                                        patch_size=patch_size, alpha=alpha,
                                        h_scale_m=float(h_scales.get(arm, 1000.0)),
                                        extent=ctx.extent, direction=direction)
@@ -274,6 +291,12 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
             caption = (f"Attention bias of block 0 of {arm} ({direction}) with its learned alpha "
                        f"(mean over seeds, {alpha:.4f}) for {where} (star): darker = stronger "
                        f"penalty on attending to that {what} patch.")
+            if world is not None:
+                caption += (f" Terrain: held-out world {world.name} of the evaluation split "
+                            "(every sample has its own terrain; the bias is drawn on this one's).")
+            if placebos.get(arm):
+                caption += (" This is a placebo arm: the model computes this bias from a random "
+                            "per-sample shuffle of the patch heights, not from this geography.")
             if alpha <= 0:
                 caption += (" The learned alpha is <= 0, so the bias is zero everywhere and the "
                             "right panel is uniformly 0: this arm ended with no elevation bias.")
@@ -281,16 +304,48 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
     return figures
 
 
+def _run_is_placebo(run_path: str | Path) -> bool:
+    config = Path(run_path) / "model" / "config.json"
+    return bool(config.is_file() and json.loads(config.read_text()).get("elevation_bias_placebo"))
+
+
+def _gain_map_figure(out: Path, arm: str, comp: ArmComparison, ctx: CorpusContext,
+                     variables: Sequence[str]) -> dict[str, str]:
+    """The gain map of one arm: per pollutant on a static terrain, per held-out world on a
+    corpus with a terrain per sample (each panel with that world's elevation contours)."""
+    path = out / f"gain_map_{arm}.png"
+    if not ctx.map_worlds:
+        plot_gain_maps(comp.gain_map, variables, path, elevation_m=ctx.elevation_m,
+                       extent=ctx.extent, title=f"Relative RMSE gain of {arm} over the control "
+                                                "per cell, pooled over seeds (blue: arm better)")
+        return {"file": path.name, "caption": f"Per-cell relative RMSE gain 1 - RMSE_{arm} / "
+                "RMSE_control on the evaluation split, per pollutant, with elevation contours; "
+                "blue cells favour the arm."}
+    names = [f"world {w.name}" for w in ctx.map_worlds]
+    plot_gain_maps(comp.gain_map, names, path,
+                   elevation_m=np.stack([w.elevation_m for w in ctx.map_worlds]),
+                   extent=ctx.extent, title=f"Relative RMSE gain of {arm} over the control per "
+                                            "cell on held-out worlds, pooled over seeds, "
+                                            "pollutants and leads (blue: arm better)")
+    return {"file": path.name, "caption": f"Per-cell relative RMSE gain 1 - RMSE_{arm} / "
+            "RMSE_control (normalized units, all pollutants and leads) on the first "
+            f"{len(names)} worlds of the evaluation split, terrains never seen in training, "
+            "each with its own elevation contours; blue cells favour the arm. A world has only "
+            "its few initialization times, so single cells are noisy."}
+
+
 def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Sequence[RunRecord],
                  evals: Mapping[str, Mapping[int, EvaluationResult]], config: Any,
                  ctx: CorpusContext, h_scales: Mapping[str, float], n_boot: int = 2000,
                  directions: Mapping[str, str] | None = None,
                  references: Mapping[str, EvaluationResult] | None = None,
-                 margin: float = DEFAULT_MARGIN, target_mde: float | None = None) -> dict:
+                 margin: float = DEFAULT_MARGIN, target_mde: float | None = None,
+                 versus: Sequence[tuple[str, str]] = ()) -> dict:
     """Compute every comparison, draw the figures, write report.md and report.json.
 
     `references` ({name: result} of the reference forecasts scored on the same samples) add
-    their test loss and scores beside the arms'."""
+    their test loss and scores beside the arms'. `versus` ((arm, reference arm) pairs) adds a
+    seed-level verdict of an arm against another arm than the control (e.g. the placebo)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # A rerun with fewer arms must not leave the figures of the dropped arms beside the new report.
@@ -303,8 +358,13 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
     comparisons = {
         arm: compare_arm(evals, arm, variables=variables, elevation_m=ctx.elevation_m,
                          region_codes=ctx.region_codes, region_names=ctx.region_names,
+                         map_worlds=[w.name for w in ctx.map_worlds],
                          n_boot=n_boot, margin=margin, target_mde=target_mde)
         for arm in evals if arm != CONTROL}
+    pairwise = {f"{arm} vs {reference}": seed_verdict_from_losses(
+        per_seed_losses(evals[reference]), per_seed_losses(evals[arm]), arm_name=arm,
+        control_name=reference, margin=margin, target_mde=target_mde, n_boot=n_boot)
+        for arm, reference in versus}
     scores = {arm: pooled_scores(by_seed, config, ctx.units) for arm, by_seed in evals.items()}
     references = dict(references or {})
     test_losses = _test_losses(evals, references, list(config.lead_times_hours))
@@ -320,6 +380,8 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
         "runs": [r.to_dict() for r in records],
         "comparisons": {arm: {**c.to_dict(), "pilot_summary": pilot_summary(c.verdict)}
                         for arm, c in comparisons.items()},
+        "versus": {name: {"verdict": v.to_dict(), "pilot_summary": f"{name}: {_pilot_line(v)}"}
+                   for name, v in pairwise.items()},
         "scores": scores,
         "test_loss": test_losses,
         "learned_alpha": {a: {str(s): v for s, v in b.items()} for a, b in alphas.items()},
@@ -328,7 +390,7 @@ def write_report(out_dir: str | Path, *, plan: Mapping[str, Any], records: Seque
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     _save_per_seed_losses(out / PER_SEED_LOSSES, evals)
     (out / "report.md").write_text(_markdown(plan, records, comparisons, scores, alphas,
-                                             figures, variables, test_losses))
+                                             figures, variables, test_losses, pairwise))
     return report
 
 
@@ -350,7 +412,8 @@ def _pilot_line(v: SeedVerdict) -> str:
 def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
               comparisons: Mapping[str, ArmComparison], scores: Mapping[str, dict],
               alphas: Mapping, figures: Sequence[Mapping[str, str]],
-              variables: Sequence[str], test_losses: Mapping[str, Mapping[str, float]]) -> str:
+              variables: Sequence[str], test_losses: Mapping[str, Mapping[str, float]],
+              pairwise: Mapping[str, SeedVerdict] | None = None) -> str:
     seeds = sorted({r.seed for r in records})
     md = [f"# Experiment: {plan.get('title', 'does the elevation bias help?')}", ""]
     md += ["## Setup", ""]
@@ -373,6 +436,7 @@ def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
         md += ["**Pilot:** this run sizes the experiment; its verdicts are not results. Seeds "
                "needed for the target minimum detectable effect:", ""]
         md += [f"- {arm}: {_pilot_line(comp.verdict)}" for arm, comp in comparisons.items()]
+        md += [f"- {name}: {_pilot_line(v)}" for name, v in (pairwise or {}).items()]
         md += [""]
     for arm, comp in comparisons.items():
         v = comp.verdict
@@ -396,6 +460,14 @@ def _markdown(plan: Mapping[str, Any], records: Sequence[RunRecord],
                _gain_table(comp.gains), ""]
         md += ["### By elevation band and named region (relative RMSE gain, pooled over seeds)",
                "", comp.regions["markdown"], ""]
+    for name, v in (pairwise or {}).items():
+        md += [f"## Verdict: {name}", "",
+               f"**Verdict ({v.verdict}, training seed as the unit):** {v.text}", "",
+               *seed_level_lines(v), "", "| seed | " f"{v.control} test loss | {v.arm} test "
+               "loss | change (positive: arm lower) |", "|---:|---:|---:|---:|"]
+        md += [f"| {s} | {c:.5f} | {a:.5f} | {_pct(g)} |" for s, c, a, g in
+               zip(v.seeds, v.control_loss, v.arm_loss, v.gain_per_seed, strict=True)]
+        md += [""]
     md += ["## Learned elevation alpha", "", _alpha_table(alphas), ""]
     dead = _dead_alpha_runs(alphas)
     if dead:

@@ -57,11 +57,15 @@ CONFIG_PRESETS: dict[str, dict[str, Any]] = {
                        "mlp_ratio": 4.0, "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0,
                        "forecast_target": "increment", "increment_scale": TRAIN_SPLIT_SCALE,
                        "time_features": list(TIME_FEATURES)},
-    # The terrain-worlds controls (docs/experiment.md): the previous `base` (full-field head, no
-    # calendar inputs) at patch 2, so the 16 x 32 worlds
-    # give 128 tokens of 2 x 2 cells (blocking that crosses patch faces is twice that at patch 4).
+    # The terrain-worlds controls (docs/experiment.md): patch 2, so the 16 x 32 worlds give 128
+    # tokens of 2 x 2 cells (blocking that crosses patch faces is twice that at patch 4), with the
+    # `base-increment` head and inputs: the full-field head without the hour lost to persistence
+    # there, and a per-cell climatology (the anomaly head) means nothing when every sample is its
+    # own world.
     "worlds": {"patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0,
-               "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0},
+               "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0,
+               "forecast_target": "increment", "increment_scale": TRAIN_SPLIT_SCALE,
+               "time_features": list(TIME_FEATURES)},
 }
 
 
