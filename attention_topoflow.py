@@ -1075,6 +1075,13 @@ def _missing_build_tools() -> str | None:
     if shutil.which(compiler) is None:
         return f"no C++ compiler: {compiler!r} (from $CXX, default 'c++') is not on PATH"
     if not is_ninja_available():
+        try:  # PyPI's ninja (a dependency of this package) may sit outside PATH, e.g. in a venv
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    if not is_ninja_available():
         return "no ninja build tool on PATH (pip install ninja)"
     return None
 
