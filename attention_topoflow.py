@@ -783,10 +783,12 @@ inline double exp_nonpositive(double x) { return std::exp(x); }
 
 template <typename T>
 struct Bias {
-  T h_scale, alpha, clamp_max;
+  // inv_h = 1 / H: a product is cheaper than a quotient in the vector loops. It may round a bias
+  // 1 ulp away from eager's (z_j - z_i) / H; ties still give exactly 0.
+  T inv_h, alpha, clamp_max;
   // clamp(-alpha * relu((z_j - z_i) / H), -clamp_max, 0)
   inline T value(T zj, T zi) const {
-    T rise = (zj - zi) / h_scale;
+    T rise = (zj - zi) * inv_h;
     rise = rise > T(0) ? rise : T(0);
     T x = -alpha * rise;
     x = x < -clamp_max ? -clamp_max : x;
@@ -794,7 +796,7 @@ struct Bias {
   }
   // d value / d alpha: -relu(rise) where the clamp passes gradients (bounds included), else 0.
   inline T alpha_grad(T zj, T zi) const {
-    T rise = (zj - zi) / h_scale;
+    T rise = (zj - zi) * inv_h;
     rise = rise > T(0) ? rise : T(0);
     const T x = -alpha * rise;
     return (x >= -clamp_max && x <= T(0)) ? -rise : T(0);
@@ -1004,11 +1006,11 @@ std::tuple<at::Tensor, at::Tensor> elevation_attention_forward(
   at::Tensor out = like_tokens(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (q.scalar_type() == at::kDouble) {
-    forward_kernel<double>(q, k, v, heights, Bias<double>{h_scale, alpha, clamp_max}, scale, out,
-                           lse);
+    const Bias<double> bias{1.0 / h_scale, alpha, clamp_max};
+    forward_kernel<double>(q, k, v, heights, bias, scale, out, lse);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "topoflow attention: float32 or float64 expected");
-    const Bias<float> bias{float(h_scale), float(alpha), float(clamp_max)};
+    const Bias<float> bias{float(1.0 / h_scale), float(alpha), float(clamp_max)};
     forward_kernel<float>(q, k, v, heights, bias, float(scale), out, lse);
   }
   return {out, lse};
@@ -1026,12 +1028,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, double> elevation_attention_backw
   at::Tensor dv = like_tokens(q).zero_();
   double dalpha = 0;
   if (q.scalar_type() == at::kDouble) {
-    dalpha = backward_kernel<double>(grad_out, q, k, v, out, lse, heights,
-                                     Bias<double>{h_scale, alpha, clamp_max}, scale, dq, dk, dv,
+    const Bias<double> bias{1.0 / h_scale, alpha, clamp_max};
+    dalpha = backward_kernel<double>(grad_out, q, k, v, out, lse, heights, bias, scale, dq, dk, dv,
                                      need_alpha);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "topoflow attention: float32 or float64 expected");
-    const Bias<float> bias{float(h_scale), float(alpha), float(clamp_max)};
+    const Bias<float> bias{float(1.0 / h_scale), float(alpha), float(clamp_max)};
     dalpha = backward_kernel<float>(grad_out, q, k, v, out, lse, heights, bias, float(scale), dq,
                                     dk, dv, need_alpha);
   }
@@ -1061,9 +1063,13 @@ _fused_kernel_state: bool | None = None
 def _fused_kernel_flags() -> list[str]:
     """Compiler flags: vector instructions only where torch itself found them on this CPU."""
     flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    # AVX-512 measured 10-20% faster than AVX2 at head dim 16, where the elementwise passes
+    # dominate (B=8, 4 heads, N=128 and 512; the GEMMs are MKL's either way).
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
+    if capability == "AVX512":
+        flags.append("-march=x86-64-v4")
+    elif capability == "AVX2":
+        flags.append("-march=x86-64-v3")
     return flags
 
 
