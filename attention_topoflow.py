@@ -1005,6 +1005,7 @@ std::tuple<at::Tensor, at::Tensor> elevation_attention_forward(
   check_inputs(q, k, v, heights);
   at::Tensor out = like_tokens(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  if (q.numel() == 0) return {out, lse};  // no tokens: no query blocks to size
   if (q.scalar_type() == at::kDouble) {
     const Bias<double> bias{1.0 / h_scale, alpha, clamp_max};
     forward_kernel<double>(q, k, v, heights, bias, scale, out, lse);
