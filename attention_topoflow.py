@@ -1152,11 +1152,14 @@ def prefers_fused_path(
     wants_height_grads = torch.is_grad_enabled() and (
         elevation_m.requires_grad or (isinstance(h_scale, torch.Tensor) and h_scale.requires_grad)
     )
+    # Under torch.compile and torch.export the op has no shape function and alpha's value is not
+    # known; the traceable paths serve them.
     return (
         query.device.type == "cpu"
         and dropout_p == 0
         and query.dtype in (torch.float32, torch.float64, torch.bfloat16)
         and not wants_height_grads
+        and not torch.compiler.is_compiling()
         and fused_kernel_available()
     )
 
