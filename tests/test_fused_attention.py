@@ -8,6 +8,7 @@ here (CI installs a compiler and ninja): these tests fail rather than skip when 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -154,14 +155,27 @@ FALLBACK_CHILD = textwrap.dedent(
 )
 
 
-def test_missing_compiler_falls_back_with_one_warning(tmp_path: Path) -> None:
-    # A fresh extension cache and a compiler that does not exist: the build is impossible.
-    environment = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
+def _fallback_run(tmp_path: Path, compiler: str) -> tuple[str, str]:
+    """(number of kernel warnings, the first) of two sdpa calls in a fresh process whose extension
+    cache is empty and whose $CXX is `compiler`; the results must equal eager's."""
+    environment = {**os.environ, "CXX": compiler,
                    "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
                    "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
     result = subprocess.run([sys.executable, "-c", FALLBACK_CHILD], env=environment,
                             cwd=REPO_ROOT, capture_output=True, text=True, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     count, message = result.stdout.strip().splitlines()[-2:]
-    assert count == "1", result.stdout
+    return count, message
+
+
+def test_missing_compiler_falls_back_with_one_warning(tmp_path: Path) -> None:
+    count, message = _fallback_run(tmp_path, str(tmp_path / "no-such-compiler"))
+    assert count == "1"
     assert "no-such-compiler" in message and "no C++ compiler" in message
+
+
+def test_failing_build_falls_back_with_one_warning(tmp_path: Path) -> None:
+    # A "compiler" that exists but fails every command: the build itself fails.
+    count, message = _fallback_run(tmp_path, shutil.which("false") or "/bin/false")
+    assert count == "1"
+    assert "build failed" in message
