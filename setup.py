@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
     "pyyaml>=5.1",
     "matplotlib>=3.8",
     "tensorboard>=2.15",
+    # attention_topoflow.py compiles its fused CPU attention kernel on first use with
+    # torch.utils.cpp_extension, which drives the build with ninja (and needs a C++ compiler).
+    "ninja>=1.11",
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,8 +1,8 @@
 """Elevation-biased attention against plain SDPA on CPU (issue 17's table by default).
 
 Prints, in one run: fp64 exactness against the eager reference (outputs and gradients of q, k, v
-and alpha, sea-level ties included, and the clamp-active fallback) of the sorted and dense paths,
-fp32 error against SDPA's math kernel, forward and forward+backward time ratios per row of
+and alpha, sea-level ties included, and the clamp-active case) of the fused, sorted and dense
+paths, fp32 error against SDPA's math kernel, forward and forward+backward time ratios per row of
 B x heads x N x head dim, measured interleaved (biased and plain runs alternate, medians
 reported, CPU time and wall time), and peak extra resident memory of forward+backward.
 
@@ -38,6 +38,7 @@ from attention_topoflow import (  # noqa: E402
     eager_elevation_attention,
     elevation_bias_between,
     elevation_biased_attention,
+    fused_elevation_attention,
     sorted_elevation_attention,
 )
 
@@ -115,7 +116,9 @@ def report_exactness(length: int, heads: int, head_dim: int) -> None:
     print(f"\n== fp64 exactness vs eager (B=2, h={heads}, N={length}, d={head_dim}, "
           f"{int((heights == 0).sum())} sea-level ties) ==")  # fmt: skip
     reference = attention_with_grads(eager_elevation_attention, tensors, heights, ALPHA)
-    for label, function in (("sorted", sorted_path), ("dense", dense_elevation_attention)):
+    paths = (("fused", fused_elevation_attention), ("sorted", sorted_path),
+             ("dense", dense_elevation_attention))  # fmt: skip
+    for label, function in paths:
         fast = attention_with_grads(function, tensors, heights, ALPHA)
         for name, diff in zip(names, max_abs_differences(fast, reference), strict=True):
             print(f"  {label:6s}  {name:7s} max |diff| {diff:.2e}  (target <= 1e-12)")
@@ -125,11 +128,14 @@ def report_exactness(length: int, heads: int, head_dim: int) -> None:
     fallback = attention_with_grads(sorted_path, tensors, heights, steep)
     worst = max(max_abs_differences(fallback, reference))
     print(f"  clamp active (alpha={steep}): fallback max |diff| over out and grads {worst:.2e}")
+    fused = attention_with_grads(fused_elevation_attention, tensors, heights, steep)
+    worst = max(max_abs_differences(fused, reference))
+    print(f"  clamp active (alpha={steep}): fused max |diff| over out and grads {worst:.2e}")
 
     print("\n== fp32 max |error| vs fp64 eager (same inputs) ==")
     single = tuple(t.float() for t in tensors)
     ours = max_abs_differences(
-        attention_with_grads(sorted_path, single, heights, ALPHA),
+        attention_with_grads(fused_elevation_attention, single, heights, ALPHA),
         attention_with_grads(eager_elevation_attention, tensors, heights, ALPHA),
     )
     math_kernel = max_abs_differences(
@@ -137,7 +143,7 @@ def report_exactness(length: int, heads: int, head_dim: int) -> None:
         attention_with_grads(eager_elevation_attention, tensors, heights, ALPHA),
     )
     for name, mine, theirs in zip(names, ours, math_kernel, strict=True):
-        print(f"  {name:7s} sorted {mine:.2e}  sdpa-math {theirs:.2e}  ratio {mine / theirs:.2f}")
+        print(f"  {name:7s} fused {mine:.2e}  sdpa-math {theirs:.2e}  ratio {mine / theirs:.2f}")
     # One scalar's error is a noisy yardstick: repeat alpha's over fresh inputs.
     ratios = []
     for seed in range(3, 9):
@@ -145,10 +151,10 @@ def report_exactness(length: int, heads: int, head_dim: int) -> None:
         tensors = make_inputs(2, heads, length, head_dim, torch.float64, seed=seed + 100)
         single = tuple(t.float() for t in tensors)
         exact = attention_with_grads(eager_elevation_attention, tensors, heights, ALPHA)[4]
-        mine = attention_with_grads(sorted_path, single, heights, ALPHA)[4]
+        mine = attention_with_grads(fused_elevation_attention, single, heights, ALPHA)[4]
         theirs = attention_with_grads(sdpa_math_attention, single, heights, ALPHA)[4]
         ratios.append(float((mine.double() - exact).abs() / (theirs.double() - exact).abs()))
-    print(f"  dalpha error ratio sorted / sdpa-math over 6 more input seeds: median "
+    print(f"  dalpha error ratio fused / sdpa-math over 6 more input seeds: median "
           f"{statistics.median(ratios):.2f}, range {min(ratios):.2f} to {max(ratios):.2f}")
 
 
@@ -167,7 +173,9 @@ def biased_attention(path: str) -> Callable[..., torch.Tensor]:
         return sorted_path
     if path == "dense":
         return dense_elevation_attention
-    raise ValueError(f"--paths: unknown path {path!r}; expected sdpa, sorted or dense")
+    if path == "fused":
+        return fused_elevation_attention
+    raise ValueError(f"--paths: unknown path {path!r}; expected sdpa, fused, sorted or dense")
 
 
 def make_steps(
@@ -325,7 +333,8 @@ def main() -> None:
     parser.add_argument("--rows", type=parse_row, nargs="+", default=ISSUE_ROWS,
                         metavar="B,HEADS,N,HEAD_DIM",
                         help="speed sweep (default: issue 17's table)")
-    parser.add_argument("--paths", nargs="+", default=["sdpa"], choices=["sdpa", "sorted", "dense"],
+    parser.add_argument("--paths", nargs="+", default=["sdpa"],
+                        choices=["sdpa", "fused", "sorted", "dense"],
                         help="biased kernels to time: sdpa (chosen per size, what the model runs) "
                         "and the forced paths it chooses between")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
