@@ -42,6 +42,7 @@ ASYMMETRIC = "tests/test_asymmetric_fixtures.py"
 INTEGRITY = "tests/test_integrity_entry_points.py"
 REGIMES = "tests/test_attention_regimes.py"
 BY_HAND = "tests/test_model_golden_by_hand.py"
+ANOMALY = "tests/test_model_anomaly.py"
 
 # (name, file, original snippet, planted bug, pytest arguments: test files and -k selections)
 MUTANTS: tuple[Mutant, ...] = (
@@ -113,6 +114,13 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("local-folder-not-verified", "topoflow/hub.py",
            "verify_model_folder(path, require_manifest=False)", "pass",
            (INTEGRITY, "-k", "damaged")),
+    # The anomaly head (issue 12): the climatology at the wrong moment, the missing-buffer guard.
+    Mutant("anomaly-clim-at-init-for-valid", "modeling_topoflow.py",
+           'clim_valid = self.climatology(time_features, "valid")',
+           'clim_valid = self.climatology(time_features, "init")', (ANOMALY,)),
+    Mutant("anomaly-missing-climatology-loads", "modeling_topoflow.py",
+           'if any(key.startswith("climatology.") for key in info["missing_keys"]):',
+           'if False:', (ANOMALY,)),
 )
 
 
