@@ -256,6 +256,12 @@ def test_adopted_runs_without_control_or_folder_fail_clearly(experiment: Path, t
     code = main([*base, "--run", f"control:0={tmp_path / 'nowhere'}"])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+    # --run trains nothing: an arm asked for without a run is refused, not silently dropped.
+    runs = [f"--run={arm}:0={experiment / 'runs' / arm / 'seed0'}"
+            for arm in ("control", "topoflow")]
+    code = main([*base, *runs, "--arms", "control", "topoflow", "upslope"])
+    assert code == 2
+    assert "--arms ['upslope']: no --run given for them" in capsys.readouterr().err
 
 
 def test_mismatched_sample_ids_are_refused(experiment: Path, tiny_corpus: Path, tmp_path: Path,

@@ -20,7 +20,7 @@ from typing import Any
 
 from topoflow.seed_stats import DEFAULT_MARGIN
 
-from .arms import KNOWN_ARMS, ArmSpec, parse_arms
+from .arms import KNOWN_ARMS, ArmSpec, parse_arm, parse_arms
 from .evaluate import evaluate_forecasters, evaluate_models, load_evaluation
 from .runner import Budget, RunRecord, adopt_run, check_runs, parse_run_argument, train_arms
 from .subset import make_corpus_view
@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to compare")
     g.add_argument("--model", default="topoflow-base", help="baseline checkpoint every arm "
                    "fine-tunes (folder, short name or Hub id)")
-    g.add_argument("--arms", nargs="+", default=["control", "topoflow"],
+    g.add_argument("--arms", nargs="+", default=None,
                    help=f"arm names ({', '.join(KNOWN_ARMS)}) or specs "
-                        "'name:blocks=0,1;scale=500;alpha=2;trainable=all'")
+                        "'name:blocks=0,1;scale=500;alpha=2;trainable=all' (default: control "
+                        "topoflow; with --run, the arms of the runs given)")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     g.add_argument("--run", action="append", default=[], metavar="ARM:SEED=PATH",
                    help="a finished train_accelerate.py run to use instead of training "
@@ -218,8 +219,13 @@ def run_experiment(args: argparse.Namespace, log: Any = _log) -> dict:
     if args.run:
         records, h_scales, directions = _adopted_runs(args.run)
         plan["baseline"] = "finished runs given with --run"
+        # With --run nothing is trained: an arm asked for without a run would silently vanish.
+        without_run = sorted({parse_arm(t).name for t in args.arms or []} - set(h_scales))
+        if without_run:
+            raise ValueError(f"--arms {without_run}: no --run given for them; with --run the "
+                             f"experiment trains nothing and only scores the runs given")
     else:
-        arms: list[ArmSpec] = parse_arms(args.arms)
+        arms: list[ArmSpec] = parse_arms(args.arms or ["control", "topoflow"])
         h_scales = {a.name: a.elevation_scale for a in arms}
         directions = {a.name: a.direction for a in arms}
         train_corpus = corpus
