@@ -32,10 +32,14 @@ __all__ = [
     "fused_kernel_available",
     "elevation_bias_matrix",
     "elevation_biased_attention",
+    "oriented_ascent",
     "oriented_elevation",
+    "path_ascent_matrix",
     "plain_attention",
     "prefers_dense_path",
     "prefers_fused_path",
+    "rise_bias",
+    "rise_biased_attention",
     "sorted_elevation_attention",
 ]
 
@@ -91,6 +95,121 @@ def elevation_bias_matrix(
     """The (B, N, N) elevation bias among the tokens of `elevation_m` (B, N) metres per patch."""
     return elevation_bias_between(
         elevation_m, elevation_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max
+    )
+
+
+
+# The oracle's bias (config.elevation_bias_rise="path"). The endpoint bias above sees only the
+# difference of two patch means, so a ridge between two low patches costs nothing, while the
+# embedded generator attenuates pollution by exp(-Z / H0) with Z the total climb along the way
+# (topoflow/corpus/atmosphere.py). This bias reads Z from the terrain itself.
+_ASCENT_SAMPLES_PER_CELL = 2
+# Bilinear samples per chunk of path_ascent_matrix (2**24 samples: about 200 MiB with the grid).
+_ASCENT_CHUNK_SAMPLES = 2**24
+
+
+def path_ascent_matrix(elevation_m: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, H, W) metres -> (B, N, N) total ascent Z[b, i, j] along the straight segment from patch
+    j's centre (the source, a key) to patch i's centre (the receiver, a query), in metres.
+
+    Z is the sum of the positive height increments of the cell-resolution terrain sampled
+    bilinearly (cell centres are the grid nodes) at least `_ASCENT_SAMPLES_PER_CELL` times per
+    cell of the longest segment; Z >= max(0, z_i - z_j) of the sampled centre heights, with
+    equality on a terrain that only rises from j to i. The terrain is data: no gradient flows
+    into it. Cost O(B * N^2 * (H + W)), computed in chunks of receivers.
+    """
+    batch, height, width = elevation_m.shape
+    rows, cols = height // patch_size, width // patch_size
+    count = rows * cols
+    centre = (torch.arange(rows, dtype=torch.float32) + 0.5) * patch_size - 0.5
+    centre_row = centre.repeat_interleave(cols).to(elevation_m.device)  # (N,)
+    centre = (torch.arange(cols, dtype=torch.float32) + 0.5) * patch_size - 0.5
+    centre_col = centre.repeat(rows).to(elevation_m.device)
+    longest = math.hypot(patch_size * (rows - 1), patch_size * (cols - 1))
+    steps = max(1, math.ceil(_ASCENT_SAMPLES_PER_CELL * longest))
+    fraction = torch.linspace(0.0, 1.0, steps + 1, device=elevation_m.device)  # (K,)
+    terrain = elevation_m.detach().float()[:, None]  # (B, 1, H, W)
+    per_receiver = batch * count * (steps + 1)
+    chunk = max(1, _ASCENT_CHUNK_SAMPLES // per_receiver)
+    ascent = []
+    for start in range(0, count, chunk):
+        receivers = slice(start, min(start + chunk, count))
+
+        def along(source: torch.Tensor, receiver: torch.Tensor, extent: int) -> torch.Tensor:
+            """Positions (receivers, sources, K) on the segment, in grid_sample's [-1, 1]."""
+            cell = source[None, :, None] + fraction * (receiver[:, None, None]
+                                                       - source[None, :, None])
+            return cell * (2.0 / max(extent - 1, 1)) - 1.0
+
+        grid = torch.stack([along(centre_col, centre_col[receivers], width),
+                            along(centre_row, centre_row[receivers], height)], dim=-1)
+        grid = grid.flatten(0, 1)[None].expand(batch, -1, -1, -1)  # (B, n_i * N, K, 2)
+        profile = F.grid_sample(terrain, grid, mode="bilinear", align_corners=True)[:, 0]
+        climb = torch.relu(profile.diff(dim=-1)).sum(dim=-1)  # (B, n_i * N)
+        ascent.append(climb.reshape(batch, -1, count))
+    return torch.cat(ascent, dim=1)
+
+
+def oriented_ascent(ascent_m: torch.Tensor, direction: str) -> torch.Tensor:
+    """The path rise the bias penalizes, (B, N, N) query x key: Z as it is for "upslope" (the
+    climb from the source up to the receiver), its transpose for "downslope" (the climb from the
+    receiver up to the source, i.e. the descent the source's air makes to reach the receiver)."""
+    if direction == "upslope":
+        return ascent_m
+    if direction == "downslope":
+        return ascent_m.transpose(-1, -2)
+    raise ValueError(
+        f"elevation_bias_direction must be 'downslope' or 'upslope', got {direction!r}"
+    )
+
+
+def rise_bias(
+    rise_m: torch.Tensor,
+    *,
+    alpha: torch.Tensor,
+    h_scale: torch.Tensor | float,
+    clamp_max: float,
+) -> torch.Tensor:
+    """(B, N, N) rise in metres (>= 0, query x key) -> (B, 1, N, N) bias
+    clamp(-alpha * rise / H_scale, -clamp_max, 0), for alpha a 0-dim tensor."""
+    dtype = torch.promote_types(rise_m.dtype, torch.float32)
+    alpha = alpha.to(dtype)
+    h_scale = torch.as_tensor(h_scale, dtype=dtype, device=rise_m.device)
+    return torch.clamp(-alpha * rise_m.to(dtype)[:, None] / h_scale, min=-clamp_max, max=0.0)
+
+
+def rise_biased_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    rise_m: torch.Tensor,
+    alpha: torch.Tensor,
+    h_scale: torch.Tensor,
+    clamp_max: float,
+    implementation: str,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Softmax attention with a materialized bias from a (B, N, N) rise matrix (the oracle's path
+    ascent). O(N^2) memory per sample: an ablation for grids of moderate size, not the fast path."""
+    bias = rise_bias(rise_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max)  # (B, 1, N, N)
+    if implementation == "eager":
+        return _eager_attention(query, key, value, bias=bias[:, 0], dropout_p=dropout_p)
+    if implementation == "sdpa":
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype),
+                                              dropout_p=dropout_p)
+    if implementation == "flex_attention":
+        if dropout_p > 0:
+            raise ValueError("flex_attention has no attention dropout; set attention_dropout=0.")
+        bias = bias[:, 0].to(query.dtype)
+
+        def rise_score_mod(score, batch, head, query_index, key_index):
+            return score + bias[batch, query_index, key_index]
+
+        return _flex_attention(query, key, value, rise_score_mod)
+    raise ValueError(
+        f"attn_implementation={implementation!r} is not supported by TopoFlow; expected one of "
+        f"{ATTENTION_IMPLEMENTATIONS}."
     )
 
 

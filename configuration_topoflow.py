@@ -37,6 +37,8 @@ DEFAULT_LEAD_TIMES_HOURS: tuple[int, ...] = (12, 24, 48, 96)
 DEFAULT_LEAD_TIME_SCALE_HOURS = 100.0
 # The transport an elevation bias penalizes (see `elevation_bias_direction` below).
 ELEVATION_BIAS_DIRECTIONS: tuple[str, ...] = ("downslope", "upslope")
+# What rise between two patches the bias reads (see `elevation_bias_rise` below).
+ELEVATION_BIAS_RISES: tuple[str, ...] = ("endpoint", "path")
 # What the prediction head outputs (see `forecast_target` below).
 FORECAST_TARGETS: tuple[str, ...] = ("field", "increment", "anomaly")
 # Calendar inputs the data pipeline can derive from a sample's time stamp; each is a phase in
@@ -108,7 +110,17 @@ class TopoFlowConfig(PretrainedConfig):
             Compute the bias from a per-sample random shuffle of the patch heights instead of the
             heights themselves: the same values, no geography (the placebo arm of the controlled
             experiment, docs/experiment.md). A fresh permutation per sample and forward pass in
-            training; in evaluation a fixed-seed one, so evaluation is repeatable.
+            training; in evaluation a fixed-seed one, so evaluation is repeatable. With
+            `elevation_bias_rise="path"` the same permutation reorders both axes of the ascent
+            matrix (the same ascent values, no geography).
+        elevation_bias_rise (`str`, defaults to `"endpoint"`):
+            The height difference the bias reads. `"endpoint"` (DESIGN.md): the difference of the
+            two patch means. `"path"` (the oracle of docs/experiment.md): the total ascent along
+            the straight segment between the two patch centres on the cell-resolution terrain,
+            so a ridge between two low patches counts; `"upslope"` penalizes the climb from the
+            source to the receiver, `"downslope"` the climb from the receiver to the source.
+            Needs the full-resolution elevation and materializes a (B, N, N) bias: O(N^2 (H + W))
+            work per sample, an ablation for moderate grids.
         elevation_input_masked (`bool`, defaults to `False`):
             Set the elevation input channel to 0 (its training mean) before the patch embedding,
             after the bias has read it: the model then sees the terrain only through the bias
@@ -188,6 +200,7 @@ class TopoFlowConfig(PretrainedConfig):
         elevation_bias_direction: str = "downslope",
         elevation_variable: str | None = "elevation",
         elevation_bias_placebo: bool = False,
+        elevation_bias_rise: str = "endpoint",
         elevation_input_masked: bool = False,
         variable_mean: Mapping[str, float] | None = None,
         variable_std: Mapping[str, float] | None = None,
@@ -227,6 +240,7 @@ class TopoFlowConfig(PretrainedConfig):
         self.elevation_bias_direction = elevation_bias_direction
         self.elevation_variable = elevation_variable
         self.elevation_bias_placebo = elevation_bias_placebo
+        self.elevation_bias_rise = elevation_bias_rise
         self.elevation_input_masked = elevation_input_masked
         all_names = dict.fromkeys([*self.variables, *self.target_variables])
         self.variable_mean = (
@@ -384,6 +398,11 @@ class TopoFlowConfig(PretrainedConfig):
             raise ValueError(
                 f"TopoFlowConfig.elevation_bias_direction must be one of "
                 f"{list(ELEVATION_BIAS_DIRECTIONS)}, got {self.elevation_bias_direction!r}."
+            )
+        if self.elevation_bias_rise not in ELEVATION_BIAS_RISES:
+            raise ValueError(
+                f"TopoFlowConfig.elevation_bias_rise must be one of {list(ELEVATION_BIAS_RISES)}, "
+                f"got {self.elevation_bias_rise!r}."
             )
         for field in ("elevation_bias_placebo", "elevation_input_masked"):
             if not isinstance(getattr(self, field), bool):

@@ -37,8 +37,12 @@ try:
         elevation_bias_between,
         elevation_bias_matrix,
         elevation_biased_attention,
+        oriented_ascent,
         oriented_elevation,
+        path_ascent_matrix,
         plain_attention,
+        rise_bias,
+        rise_biased_attention,
         sorted_elevation_attention,
     )
     from .configuration_topoflow import TopoFlowConfig
@@ -52,8 +56,12 @@ except ImportError:
         elevation_bias_between,
         elevation_bias_matrix,
         elevation_biased_attention,
+        oriented_ascent,
         oriented_elevation,
+        path_ascent_matrix,
         plain_attention,
+        rise_bias,
+        rise_biased_attention,
         sorted_elevation_attention,
     )
     from configuration_topoflow import TopoFlowConfig
@@ -189,6 +197,19 @@ def shuffle_patch_heights(
     keys = torch.rand(elevation_m.shape, generator=generator)  # (B, N) on the CPU
     order = keys.argsort(dim=1).to(elevation_m.device)
     return elevation_m.gather(1, order)
+
+
+def shuffle_patch_pairs(
+    ascent_m: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The placebo of a (B, N, N) pairwise matrix: each sample's patches in an independent random
+    order, the same order on both axes, so every value (and each patch's row and column of
+    values) is kept and only which patch sits where is lost."""
+    batch, count, _ = ascent_m.shape
+    keys = torch.rand((batch, count), generator=generator)
+    order = keys.argsort(dim=1).to(ascent_m.device)
+    rows = ascent_m.gather(1, order[:, :, None].expand(-1, -1, count))
+    return rows.gather(2, order[:, None, :].expand(-1, count, -1))
 
 
 @dataclass
@@ -403,7 +424,15 @@ class TopoFlowAttention(nn.Module):
             )  # fmt: skip
             attended = attended.reshape(batch, num_tokens, dim)
             return self.proj_drop(self.proj(attended)), weights
-        if self.has_elevation_bias:
+        if self.has_elevation_bias and self.config.elevation_bias_rise == "path":
+            attended = rise_biased_attention(
+                query, key, value,
+                rise_m=oriented_ascent(elevation_m, self.config.elevation_bias_direction),
+                alpha=self.nonnegative_alpha(), h_scale=self.H_scale,
+                clamp_max=self.config.elevation_bias_clamp, implementation=implementation,
+                dropout_p=dropout_p,
+            )  # fmt: skip
+        elif self.has_elevation_bias:
             heights = oriented_elevation(elevation_m, self.config.elevation_bias_direction)
             attended = elevation_biased_attention(
                 query, key, value, elevation_m=heights, alpha=self.nonnegative_alpha(),
@@ -428,7 +457,13 @@ class TopoFlowAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention through transformers' interface: (B, N, heads, head_dim) and the weights."""
         bias = None
-        if self.has_elevation_bias:
+        if self.has_elevation_bias and self.config.elevation_bias_rise == "path":
+            bias = rise_bias(
+                oriented_ascent(elevation_m, self.config.elevation_bias_direction),
+                alpha=self.nonnegative_alpha(), h_scale=self.H_scale,
+                clamp_max=self.config.elevation_bias_clamp,
+            ).to(query.dtype)  # (B, 1, N, N), shared by all heads  # fmt: skip
+        elif self.has_elevation_bias:
             heights = oriented_elevation(elevation_m, self.config.elevation_bias_direction)
             bias = elevation_bias_matrix(
                 heights, alpha=self.nonnegative_alpha(), h_scale=self.H_scale,
@@ -1007,7 +1042,9 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
     def _patch_elevation(
         self, fields: torch.Tensor, elevation: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """(B, N) per-patch mean elevation in metres, or None when no block is biased."""
+        """What the bias blocks read: (B, N) per-patch mean elevation in metres, or with
+        `elevation_bias_rise="path"` the (B, N, N) path ascent in metres; None when no block is
+        biased."""
         config = self.config
         if not config.elevation_bias_blocks:
             return None
@@ -1035,9 +1072,12 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
                 )
             if not torch.compiler.is_compiling() and not torch.isfinite(elevation).all():
                 raise ValueError("elevation: expected finite metres, received NaN/inf.")
+        generator = None if self.training else torch.Generator().manual_seed(PLACEBO_EVAL_SEED)
+        if config.elevation_bias_rise == "path":
+            ascent = path_ascent_matrix(elevation, config.patch_size)
+            return shuffle_patch_pairs(ascent, generator) if config.elevation_bias_placebo else ascent
         heights = patch_mean_elevation(elevation, config.patch_size)
         if config.elevation_bias_placebo:
-            generator = None if self.training else torch.Generator().manual_seed(PLACEBO_EVAL_SEED)
             heights = shuffle_patch_heights(heights, generator)
         return heights
 

@@ -207,6 +207,8 @@ def load_model(args: Any, meta: Any, accelerator: Accelerator, corpus: Path | No
     ablations = {key: True for key, wanted in (
         ("elevation_bias_placebo", args.elevation_placebo),
         ("elevation_input_masked", args.mask_elevation_input)) if wanted}
+    if args.elevation_rise is not None:
+        ablations["elevation_bias_rise"] = args.elevation_rise
     extra.update(ablations)
     if args.from_scratch:
         config, anomaly_base = build_from_scratch(
@@ -652,6 +654,7 @@ def build_report(args: Any, accelerator: Accelerator, model: Any, state: Trainer
             "alpha_init": args.alpha_init, "trainable": args.trainable,
             "elevation_direction": config.elevation_bias_direction,
             "elevation_placebo": config.elevation_bias_placebo,
+            "elevation_rise": config.elevation_bias_rise,
             "elevation_input_masked": config.elevation_input_masked,
             "alpha_learning_rate": alpha_learning_rate(args, config),
             "steps": state.global_step, "planned_steps": total_steps, "epochs_started":

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from configuration_topoflow import ELEVATION_BIAS_DIRECTIONS as DIRECTIONS
+from configuration_topoflow import ELEVATION_BIAS_RISES as RISES
 
 __all__ = [
     "CONTROL",
@@ -47,6 +48,7 @@ class ArmSpec:
     direction: str = "downslope"
     placebo: bool = False
     mask_elevation_input: bool = False
+    rise: str = "endpoint"
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +65,9 @@ class ArmSpec:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"arm {self.name!r}: direction must be one of {list(DIRECTIONS)}, "
                              f"got {self.direction!r}")
+        if self.rise not in RISES:
+            raise ValueError(f"arm {self.name!r}: rise must be one of {list(RISES)}, got "
+                             f"{self.rise!r}")
         if self.placebo and not self.elevation_blocks:
             raise ValueError(f"arm {self.name!r}: a placebo needs bias blocks (blocks=...)")
 
@@ -73,6 +78,7 @@ class ArmSpec:
                 "--alpha-init", repr(self.alpha_init), "--trainable", self.trainable,
                 "--elevation-direction", self.direction,
                 *(["--elevation-placebo"] if self.placebo else []),
+                *(["--elevation-rise", self.rise] if self.rise != "endpoint" else []),
                 *(["--mask-elevation-input"] if self.mask_elevation_input else [])]
 
     def recipe(self) -> dict:
@@ -108,6 +114,13 @@ KNOWN_ARMS: dict[str, ArmSpec] = {
         ArmSpec("placebo", (0,), direction="upslope", placebo=True,
                 description="upslope bias on block 0 from a per-sample shuffle of the patch "
                             "heights: same values, no geography"),
+        # Issue 14 item 4: the best an attention bias of this form can know (docs/experiment.md).
+        ArmSpec("oracle", (0,), direction="upslope", rise="path",
+                description="upslope bias on block 0 from the total ascent along the path "
+                            "between the patch centres (the generator's own blocking)"),
+        ArmSpec("oracle-placebo", (0,), direction="upslope", rise="path", placebo=True,
+                description="the oracle's bias with each sample's patches shuffled on both "
+                            "axes: same ascent values, no geography"),
         ArmSpec("upslope-all", (0, 1, 2, 3), direction="upslope",
                 description="upslope bias on blocks 0-3"),
         ArmSpec("upslope-bias-only", (0,), direction="upslope", mask_elevation_input=True,
@@ -119,7 +132,8 @@ KNOWN_ARMS: dict[str, ArmSpec] = {
     )
 }
 
-_SPEC_KEYS = {"blocks", "scale", "alpha", "trainable", "direction", "placebo", "mask_input"}
+_SPEC_KEYS = {"blocks", "scale", "alpha", "trainable", "direction", "placebo", "mask_input",
+              "rise"}
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -150,12 +164,13 @@ def _parse_spec(name: str, body: str) -> ArmSpec:
         flags[key] = _BOOLEANS[value]
     return ArmSpec(name, blocks, scale, alpha, settings.get("trainable", "all"),
                    settings.get("direction", "downslope"), placebo=flags["placebo"],
-                   mask_elevation_input=flags["mask_input"], description=f"custom: {body}")
+                   mask_elevation_input=flags["mask_input"],
+                   rise=settings.get("rise", "endpoint"), description=f"custom: {body}")
 
 
 def parse_arm(text: str) -> ArmSpec:
     """A known arm name, or `name:key=value;...` (keys blocks, scale, alpha, trainable,
-    direction, placebo, mask_input)."""
+    direction, placebo, mask_input, rise)."""
     text = text.strip()
     name, sep, body = text.partition(":")
     if sep:

@@ -67,6 +67,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--elevation-placebo", action="store_true",
                        help="placebo arm: the bias from a per-sample shuffle of the patch heights "
                             "(same values, no geography; config.elevation_bias_placebo)")
+    group.add_argument("--elevation-rise", choices=("endpoint", "path"), default=None,
+                       help="the rise the bias reads: endpoint (difference of the patch means, "
+                            "DESIGN.md) or path (the oracle: total ascent along the segment "
+                            "between the patch centres; config.elevation_bias_rise); default: "
+                            "the checkpoint's, else endpoint")
     group.add_argument("--mask-elevation-input", action="store_true",
                        help="set the elevation input channel to 0 so the terrain reaches the "
                             "model only through the bias (config.elevation_input_masked)")
