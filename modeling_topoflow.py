@@ -1075,7 +1075,9 @@ class TopoFlowModel(TopoFlowPreTrainedModel):
         generator = None if self.training else torch.Generator().manual_seed(PLACEBO_EVAL_SEED)
         if config.elevation_bias_rise == "path":
             ascent = path_ascent_matrix(elevation, config.patch_size)
-            return shuffle_patch_pairs(ascent, generator) if config.elevation_bias_placebo else ascent
+            if config.elevation_bias_placebo:
+                ascent = shuffle_patch_pairs(ascent, generator)
+            return ascent
         heights = patch_mean_elevation(elevation, config.patch_size)
         if config.elevation_bias_placebo:
             heights = shuffle_patch_heights(heights, generator)

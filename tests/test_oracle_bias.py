@@ -184,6 +184,7 @@ def test_the_oracle_arms_reach_the_model_config(
     args = parse_args(["--from-scratch", "--config", str(config_file),
                        *parse_arm(arm).train_args()])  # fmt: skip
     model, _, _ = train_accelerate.load_model(args, CorpusMetadata.load(synthetic_corpus), None)
-    assert (model.config.elevation_bias_rise, model.config.elevation_bias_placebo) == (rise, placebo)
+    config = model.config
+    assert (config.elevation_bias_rise, config.elevation_bias_placebo) == (rise, placebo)
     with pytest.raises(ValueError, match="rise must be one of"):
         parse_arm("x:blocks=0;rise=ridge")
