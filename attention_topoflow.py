@@ -32,6 +32,7 @@ __all__ = [
     "fused_kernel_available",
     "elevation_bias_matrix",
     "elevation_biased_attention",
+    "endpoint_rise",
     "oriented_ascent",
     "oriented_elevation",
     "path_ascent_matrix",
@@ -170,12 +171,20 @@ def rise_bias(
     h_scale: torch.Tensor | float,
     clamp_max: float,
 ) -> torch.Tensor:
-    """(B, N, N) rise in metres (>= 0, query x key) -> (B, 1, N, N) bias
-    clamp(-alpha * rise / H_scale, -clamp_max, 0), for alpha a 0-dim tensor."""
+    """(B, N, N) rise in metres (>= 0, query x key) -> (B, A, N, N) bias
+    clamp(-alpha * rise / H_scale, -clamp_max, 0): A = 1 for a 0-dim alpha, A = heads for one
+    alpha per head."""
     dtype = torch.promote_types(rise_m.dtype, torch.float32)
-    alpha = alpha.to(dtype)
+    alpha = alpha.to(dtype).reshape(1, -1, 1, 1)
     h_scale = torch.as_tensor(h_scale, dtype=dtype, device=rise_m.device)
     return torch.clamp(-alpha * rise_m.to(dtype)[:, None] / h_scale, min=-clamp_max, max=0.0)
+
+
+def endpoint_rise(elevation_m: torch.Tensor) -> torch.Tensor:
+    """(B, N) oriented heights -> (B, N, N) ReLU(z_j - z_i), query i x key j: the rise the
+    endpoint bias reads, for the materialized path (one alpha per head)."""
+    heights = elevation_m.float()
+    return torch.relu(heights[:, None, :] - heights[:, :, None])
 
 
 def rise_biased_attention(
@@ -191,20 +200,21 @@ def rise_biased_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Softmax attention with a materialized bias from a (B, N, N) rise matrix (the oracle's path
-    ascent). O(N^2) memory per sample: an ablation for grids of moderate size, not the fast path."""
-    bias = rise_bias(rise_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max)  # (B, 1, N, N)
+    ascent, or the endpoint rise with one alpha per head). O(N^2) memory per sample: an ablation
+    for grids of moderate size, not the fast path."""
+    bias = rise_bias(rise_m, alpha=alpha, h_scale=h_scale, clamp_max=clamp_max)  # (B, A, N, N)
     if implementation == "eager":
-        return _eager_attention(query, key, value, bias=bias[:, 0], dropout_p=dropout_p)
+        return _eager_attention(query, key, value, bias=bias, dropout_p=dropout_p)
     if implementation == "sdpa":
         return F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype),
                                               dropout_p=dropout_p)
     if implementation == "flex_attention":
         if dropout_p > 0:
             raise ValueError("flex_attention has no attention dropout; set attention_dropout=0.")
-        bias = bias[:, 0].to(query.dtype)
+        bias = bias.to(query.dtype).expand(-1, query.shape[1], -1, -1)
 
         def rise_score_mod(score, batch, head, query_index, key_index):
-            return score + bias[batch, query_index, key_index]
+            return score + bias[batch, head, query_index, key_index]
 
         return _flex_attention(query, key, value, rise_score_mod)
     raise ValueError(
@@ -224,7 +234,8 @@ def _eager_attention(
     """The readable reference: builds the (B, heads, N, N) scores explicitly."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * query.shape[-1] ** -0.5
     if bias is not None:
-        scores = scores + bias[:, None].to(scores.dtype)  # shared by all heads
+        # (B, N, N) is shared by all heads; (B, A, N, N) is per head (A = heads) or broadcast.
+        scores = scores + (bias if bias.ndim == 4 else bias[:, None]).to(scores.dtype)
     # Softmax in at least float32 (bf16 logits lose the bias), in float64 for float64 inputs.
     softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
     probs = torch.softmax(scores.to(softmax_dtype), dim=-1).to(query.dtype)

@@ -121,6 +121,10 @@ class TopoFlowConfig(PretrainedConfig):
             source to the receiver, `"downslope"` the climb from the receiver to the source.
             Needs the full-resolution elevation and materializes a (B, N, N) bias: O(N^2 (H + W))
             work per sample, an ablation for moderate grids.
+        elevation_alpha_per_head (`bool`, defaults to `False`):
+            One learnable `elevation_alpha` per attention head (shape `(num_heads,)`) instead of
+            one per block, so some heads can use the bias while others ignore it. The bias is
+            then materialized per head (O(N^2) memory, like `elevation_bias_rise="path"`).
         elevation_input_masked (`bool`, defaults to `False`):
             Set the elevation input channel to 0 (its training mean) before the patch embedding,
             after the bias has read it: the model then sees the terrain only through the bias
@@ -201,6 +205,7 @@ class TopoFlowConfig(PretrainedConfig):
         elevation_variable: str | None = "elevation",
         elevation_bias_placebo: bool = False,
         elevation_bias_rise: str = "endpoint",
+        elevation_alpha_per_head: bool = False,
         elevation_input_masked: bool = False,
         variable_mean: Mapping[str, float] | None = None,
         variable_std: Mapping[str, float] | None = None,
@@ -241,6 +246,7 @@ class TopoFlowConfig(PretrainedConfig):
         self.elevation_variable = elevation_variable
         self.elevation_bias_placebo = elevation_bias_placebo
         self.elevation_bias_rise = elevation_bias_rise
+        self.elevation_alpha_per_head = elevation_alpha_per_head
         self.elevation_input_masked = elevation_input_masked
         all_names = dict.fromkeys([*self.variables, *self.target_variables])
         self.variable_mean = (
@@ -404,7 +410,8 @@ class TopoFlowConfig(PretrainedConfig):
                 f"TopoFlowConfig.elevation_bias_rise must be one of {list(ELEVATION_BIAS_RISES)}, "
                 f"got {self.elevation_bias_rise!r}."
             )
-        for field in ("elevation_bias_placebo", "elevation_input_masked"):
+        for field in ("elevation_bias_placebo", "elevation_input_masked",
+                      "elevation_alpha_per_head"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(
                     f"TopoFlowConfig.{field} must be true or false, got {getattr(self, field)!r}."

@@ -37,6 +37,7 @@ try:
         elevation_bias_between,
         elevation_bias_matrix,
         elevation_biased_attention,
+        endpoint_rise,
         oriented_ascent,
         oriented_elevation,
         path_ascent_matrix,
@@ -56,6 +57,7 @@ except ImportError:
         elevation_bias_between,
         elevation_bias_matrix,
         elevation_biased_attention,
+        endpoint_rise,
         oriented_ascent,
         oriented_elevation,
         path_ascent_matrix,
@@ -395,7 +397,8 @@ class TopoFlowAttention(nn.Module):
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
         self.proj_drop = nn.Dropout(config.drop_rate)
         if self.has_elevation_bias:
-            self.elevation_alpha = nn.Parameter(torch.tensor(config.elevation_alpha_init))
+            shape = (config.num_heads,) if config.elevation_alpha_per_head else ()
+            self.elevation_alpha = nn.Parameter(torch.full(shape, config.elevation_alpha_init))
             # A persistent buffer: H_scale travels with the checkpoint but is not trained. Always
             # float32 (also under from_pretrained(dtype=bfloat16), which builds the model with
             # bf16 as default dtype): bf16 reads 1500 m as 1504 m.
@@ -424,10 +427,9 @@ class TopoFlowAttention(nn.Module):
             )  # fmt: skip
             attended = attended.reshape(batch, num_tokens, dim)
             return self.proj_drop(self.proj(attended)), weights
-        if self.has_elevation_bias and self.config.elevation_bias_rise == "path":
+        if self.has_elevation_bias and self.materializes_bias:
             attended = rise_biased_attention(
-                query, key, value,
-                rise_m=oriented_ascent(elevation_m, self.config.elevation_bias_direction),
+                query, key, value, rise_m=self._rise(elevation_m),
                 alpha=self.nonnegative_alpha(), h_scale=self.H_scale,
                 clamp_max=self.config.elevation_bias_clamp, implementation=implementation,
                 dropout_p=dropout_p,
@@ -457,12 +459,11 @@ class TopoFlowAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention through transformers' interface: (B, N, heads, head_dim) and the weights."""
         bias = None
-        if self.has_elevation_bias and self.config.elevation_bias_rise == "path":
+        if self.has_elevation_bias and self.materializes_bias:
             bias = rise_bias(
-                oriented_ascent(elevation_m, self.config.elevation_bias_direction),
-                alpha=self.nonnegative_alpha(), h_scale=self.H_scale,
+                self._rise(elevation_m), alpha=self.nonnegative_alpha(), h_scale=self.H_scale,
                 clamp_max=self.config.elevation_bias_clamp,
-            ).to(query.dtype)  # (B, 1, N, N), shared by all heads  # fmt: skip
+            ).to(query.dtype)  # (B, 1 or heads, N, N)  # fmt: skip
         elif self.has_elevation_bias:
             heights = oriented_elevation(elevation_m, self.config.elevation_bias_direction)
             bias = elevation_bias_matrix(
@@ -477,6 +478,19 @@ class TopoFlowAttention(nn.Module):
             self, query, key, value, bias, scaling=query.shape[-1] ** -0.5, dropout=dropout_p,
             is_causal=False,
         )  # fmt: skip
+
+    @property
+    def materializes_bias(self) -> bool:
+        """Whether the bias is built as a (B, 1 or heads, N, N) tensor: the oracle's path ascent
+        and one alpha per head do not fit the fast kernels' one-alpha, per-token-height form."""
+        return self.config.elevation_bias_rise == "path" or self.config.elevation_alpha_per_head
+
+    def _rise(self, elevation_m: torch.Tensor) -> torch.Tensor:
+        """(B, N, N) rise in metres the materialized bias reads, oriented by the direction."""
+        direction = self.config.elevation_bias_direction
+        if self.config.elevation_bias_rise == "path":
+            return oriented_ascent(elevation_m, direction)
+        return endpoint_rise(oriented_elevation(elevation_m, direction))
 
     def nonnegative_alpha(self) -> torch.Tensor:
         """alpha as the bias uses it: max(alpha, 0) in value, with the gradient passed to alpha.

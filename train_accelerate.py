@@ -207,6 +207,8 @@ def load_model(args: Any, meta: Any, accelerator: Accelerator, corpus: Path | No
     ablations = {key: True for key, wanted in (
         ("elevation_bias_placebo", args.elevation_placebo),
         ("elevation_input_masked", args.mask_elevation_input)) if wanted}
+    if args.alpha_per_head:
+        ablations["elevation_alpha_per_head"] = True
     if args.elevation_rise is not None:
         ablations["elevation_bias_rise"] = args.elevation_rise
     extra.update(ablations)
@@ -262,12 +264,16 @@ def alpha_learning_rate(args: Any, config: Any) -> float:
     return args.learning_rate / config.initializer_range
 
 
-def elevation_alphas(model: torch.nn.Module) -> dict[str, float]:
-    """Current elevation_alpha of every biased block, keyed by block index."""
+def elevation_alphas(model: torch.nn.Module, per_head: bool = False) -> dict[str, Any]:
+    """Current elevation_alpha of every biased block, keyed by block index: one number per block
+    (the mean over heads where each head has its own), or with `per_head` the list of each
+    block's values."""
     alphas = {}
     for name, param in model.named_parameters():
         if name.endswith("attn.elevation_alpha"):
-            alphas[name.split("blocks.")[-1].split(".")[0]] = float(param.detach())
+            values = param.detach().float().flatten()
+            block = name.split("blocks.")[-1].split(".")[0]
+            alphas[block] = values.tolist() if per_head else float(values.mean())
     return alphas
 
 
@@ -655,6 +661,7 @@ def build_report(args: Any, accelerator: Accelerator, model: Any, state: Trainer
             "elevation_direction": config.elevation_bias_direction,
             "elevation_placebo": config.elevation_bias_placebo,
             "elevation_rise": config.elevation_bias_rise,
+            "elevation_alpha_per_head": config.elevation_alpha_per_head,
             "elevation_input_masked": config.elevation_input_masked,
             "alpha_learning_rate": alpha_learning_rate(args, config),
             "steps": state.global_step, "planned_steps": total_steps, "epochs_started":
@@ -664,6 +671,8 @@ def build_report(args: Any, accelerator: Accelerator, model: Any, state: Trainer
                                  else f"step-0 val loss x {args.success_ratio}"),
             "skipped_nonfinite_steps": guard.total_skipped, "empty_batches": state.empty_batches,
             "final_alpha": elevation_alphas(accelerator.unwrap_model(model)),
+            "final_alpha_per_head": elevation_alphas(accelerator.unwrap_model(model),
+                                                     per_head=True),
             "wall_time_s": wall_time, "model_dir": str(model_dir), "seed": args.seed,
         },
         "loading_report": loading.as_dict(),

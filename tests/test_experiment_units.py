@@ -38,8 +38,8 @@ def test_known_arms_and_specs_give_training_arguments() -> None:
 
 @pytest.mark.parametrize("text, message", [
     ("topoflw", "unknown arm 'topoflw'"),
-    ("x:blocks=0;height=3", "keys ['alpha', 'blocks', 'direction', 'mask_input', 'placebo', "
-                            "'rise', 'scale', 'trainable']"),
+    ("x:blocks=0;height=3", "keys ['alpha', 'blocks', 'direction', 'mask_input', 'per_head', "
+                            "'placebo', 'rise', 'scale', 'trainable']"),
     ("x:scale=high", "could not convert"),
 ])
 def test_bad_arm_names_and_specs_are_refused(text: str, message: str) -> None:

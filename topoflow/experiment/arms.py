@@ -49,6 +49,7 @@ class ArmSpec:
     placebo: bool = False
     mask_elevation_input: bool = False
     rise: str = "endpoint"
+    alpha_per_head: bool = False
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +80,7 @@ class ArmSpec:
                 "--elevation-direction", self.direction,
                 *(["--elevation-placebo"] if self.placebo else []),
                 *(["--elevation-rise", self.rise] if self.rise != "endpoint" else []),
+                *(["--alpha-per-head"] if self.alpha_per_head else []),
                 *(["--mask-elevation-input"] if self.mask_elevation_input else [])]
 
     def recipe(self) -> dict:
@@ -121,6 +123,8 @@ KNOWN_ARMS: dict[str, ArmSpec] = {
         ArmSpec("oracle-placebo", (0,), direction="upslope", rise="path", placebo=True,
                 description="the oracle's bias with each sample's patches shuffled on both "
                             "axes: same ascent values, no geography"),
+        ArmSpec("upslope-heads", (0,), direction="upslope", alpha_per_head=True,
+                description="upslope bias on block 0 with one learnable alpha per head"),
         ArmSpec("upslope-all", (0, 1, 2, 3), direction="upslope",
                 description="upslope bias on blocks 0-3"),
         ArmSpec("upslope-bias-only", (0,), direction="upslope", mask_elevation_input=True,
@@ -133,7 +137,7 @@ KNOWN_ARMS: dict[str, ArmSpec] = {
 }
 
 _SPEC_KEYS = {"blocks", "scale", "alpha", "trainable", "direction", "placebo", "mask_input",
-              "rise"}
+              "rise", "per_head"}
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -156,7 +160,7 @@ def _parse_spec(name: str, body: str) -> ArmSpec:
     except ValueError as err:
         raise UnknownArmError(f"arm spec {name}:{body!r}: {err}") from err
     flags = {}
-    for key in ("placebo", "mask_input"):
+    for key in ("placebo", "mask_input", "per_head"):
         value = settings.get(key, "false").lower()
         if value not in _BOOLEANS:
             raise UnknownArmError(f"arm spec {name}:{body!r}: {key} must be true or false, got "
@@ -165,12 +169,13 @@ def _parse_spec(name: str, body: str) -> ArmSpec:
     return ArmSpec(name, blocks, scale, alpha, settings.get("trainable", "all"),
                    settings.get("direction", "downslope"), placebo=flags["placebo"],
                    mask_elevation_input=flags["mask_input"],
-                   rise=settings.get("rise", "endpoint"), description=f"custom: {body}")
+                   rise=settings.get("rise", "endpoint"), alpha_per_head=flags["per_head"],
+                   description=f"custom: {body}")
 
 
 def parse_arm(text: str) -> ArmSpec:
     """A known arm name, or `name:key=value;...` (keys blocks, scale, alpha, trainable,
-    direction, placebo, mask_input, rise)."""
+    direction, placebo, mask_input, rise, per_head)."""
     text = text.strip()
     name, sep, body = text.partition(":")
     if sep:

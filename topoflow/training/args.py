@@ -72,6 +72,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                             "DESIGN.md) or path (the oracle: total ascent along the segment "
                             "between the patch centres; config.elevation_bias_rise); default: "
                             "the checkpoint's, else endpoint")
+    group.add_argument("--alpha-per-head", action="store_true",
+                       help="one learnable elevation_alpha per attention head instead of one per "
+                            "block (config.elevation_alpha_per_head)")
     group.add_argument("--mask-elevation-input", action="store_true",
                        help="set the elevation input channel to 0 so the terrain reaches the "
                             "model only through the bias (config.elevation_input_masked)")
