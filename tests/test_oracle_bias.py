@@ -17,6 +17,7 @@ from tests.fixtures_model import make_tiny_batch, make_tiny_config
 from topoflow.corpus.schema import CorpusMetadata
 from topoflow.corpus.worlds import world_terrain
 from topoflow.experiment.arms import parse_arm
+from topoflow.figures import path_bias_row
 from topoflow.training.args import parse_args
 
 
@@ -188,3 +189,13 @@ def test_the_oracle_arms_reach_the_model_config(
     assert (config.elevation_bias_rise, config.elevation_bias_placebo) == (rise, placebo)
     with pytest.raises(ValueError, match="rise must be one of"):
         parse_arm("x:blocks=0;rise=ridge")
+
+
+def test_the_figure_draws_the_oracles_row_from_the_same_ascent() -> None:
+    terrain = np.zeros((2, 12))
+    terrain[:, 5:7] = 1000.0
+    row = path_bias_row(terrain, 2, (0, 5), alpha=2.0, h_scale_m=1000.0, direction="upslope")
+    # Receiver 5 pays for the ridge toward source 0 (and toward nothing beyond its own side).
+    np.testing.assert_allclose(row, [[-2.0, -2.0, -1.0, 0.0, 0.0, 0.0]], atol=1e-4)
+    down = path_bias_row(terrain, 2, (0, 5), alpha=2.0, h_scale_m=1000.0, direction="downslope")
+    np.testing.assert_allclose(down, [[-2.0, -2.0, -2.0, -1.0, 0.0, 0.0]], atol=1e-4)

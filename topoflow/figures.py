@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 __all__ = [
     "default_query_patch",
     "elevation_bias_row",
+    "path_bias_row",
     "plot_attention_bias",
     "plot_gain_bars",
     "plot_gain_maps",
@@ -240,6 +241,29 @@ def elevation_bias_row(
     return np.clip(penalty, -clamp_max, 0.0)
 
 
+def path_bias_row(
+    elevation_m: np.ndarray,
+    patch_size: int,
+    query: tuple[int, int],
+    *,
+    alpha: float,
+    h_scale_m: float,
+    clamp_max: float = 10.0,
+    direction: str = "upslope",
+) -> np.ndarray:
+    """The oracle's bias row of one query patch on the patch grid: clamp(-alpha * Z / H_scale,
+    -clamp_max, 0) with Z the path ascent the model computes (`attention_topoflow`)."""
+    import torch
+
+    from attention_topoflow import oriented_ascent, path_ascent_matrix
+
+    terrain = torch.as_tensor(elevation_m, dtype=torch.float32)[None]
+    ascent = oriented_ascent(path_ascent_matrix(terrain, patch_size), direction)[0].numpy()
+    cols = elevation_m.shape[1] // patch_size
+    row = ascent[query[0] * cols + query[1]].reshape(-1, cols)  # the query's keys
+    return np.clip(-alpha * row / h_scale_m, -clamp_max, 0.0)
+
+
 def default_query_patch(patch_elevation_m: np.ndarray, radius: int = 3,
                         direction: str = "downslope") -> tuple[int, int]:
     """The land patch (above 10 m) where the bias bites hardest. Downslope: a low patch with high
@@ -286,8 +310,12 @@ def plot_attention_bias(
     extent: Extent | None = None,
     contour_levels_m: Sequence[float] = (1000.0, 3000.0),
     direction: str = "downslope",
+    rise: str = "endpoint",
 ) -> Path:
     """Two panels: patch-mean elevation with the query marked, and the query's bias row.
+
+    `rise="path"` draws the oracle's bias (config.elevation_bias_rise): the row comes from the
+    model's own `path_ascent_matrix` on the cell-resolution `elevation_m`.
 
     The bias row shows how much attention logit the query patch loses toward each key patch:
     0 at and below the query's height, down to -clamp_max toward much higher terrain. The query
@@ -303,8 +331,12 @@ def plot_attention_bias(
         query = _patch_at(query_latlon, extent, z.shape)
     else:
         query = default_query_patch(z, direction=direction)
-    bias = elevation_bias_row(z, query, alpha=alpha, h_scale_m=h_scale_m, clamp_max=clamp_max,
-                              direction=direction)
+    if rise == "path":
+        bias = path_bias_row(elevation_m, patch_size, query, alpha=alpha, h_scale_m=h_scale_m,
+                             clamp_max=clamp_max, direction=direction)
+    else:
+        bias = elevation_bias_row(z, query, alpha=alpha, h_scale_m=h_scale_m,
+                                  clamp_max=clamp_max, direction=direction)
     rows, cols = z.shape
     if extent is None:
         extent = (0.0, float(cols), 0.0, float(rows))

@@ -259,7 +259,8 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
              ctx: CorpusContext, variables: Sequence[str], patch_size: int, h_scales: Mapping,
              alphas: Mapping, directions: Mapping[str, str]) -> list[dict[str, str]]:
     figures = []
-    placebos = {r.arm: _run_is_placebo(r.path) for r in records}
+    placebos = {r.arm: bool(_run_config(r.path).get("elevation_bias_placebo")) for r in records}
+    rises = {r.arm: _run_config(r.path).get("elevation_bias_rise", "endpoint") for r in records}
     curves: dict[str, dict[int, tuple]] = {}
     for r in records:
         curves.setdefault(r.arm, {})[r.seed] = read_val_curve(r.path)
@@ -284,7 +285,8 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
             path = plot_attention_bias(elevation, out / f"attention_bias_{arm}.png",
                                        patch_size=patch_size, alpha=alpha,
                                        h_scale_m=float(h_scales.get(arm, 1000.0)),
-                                       extent=ctx.extent, direction=direction)
+                                       extent=ctx.extent, direction=direction,
+                                       rise=rises.get(arm, "endpoint"))
             where = ("a low patch beside high terrain" if direction == "downslope"
                      else "a high patch above low terrain")
             what = "higher" if direction == "downslope" else "lower"
@@ -294,6 +296,9 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
             if world is not None:
                 caption += (f" Terrain: held-out world {world.name} of the evaluation split "
                             "(every sample has its own terrain; the bias is drawn on this one's).")
+            if rises.get(arm) == "path":
+                caption += (" The bias reads the total ascent along the straight path between "
+                            "the patch centres (the oracle), not the two patch means.")
             if placebos.get(arm):
                 caption += (" This is a placebo arm: the model computes this bias from a random "
                             "per-sample shuffle of the patch heights, not from this geography.")
@@ -304,9 +309,10 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
     return figures
 
 
-def _run_is_placebo(run_path: str | Path) -> bool:
+def _run_config(run_path: str | Path) -> dict:
+    """The trained model's config.json of a run, or {} where the run has none."""
     config = Path(run_path) / "model" / "config.json"
-    return bool(config.is_file() and json.loads(config.read_text()).get("elevation_bias_placebo"))
+    return json.loads(config.read_text()) if config.is_file() else {}
 
 
 def _gain_map_figure(out: Path, arm: str, comp: ArmComparison, ctx: CorpusContext,
