@@ -43,6 +43,8 @@ INTEGRITY = "tests/test_integrity_entry_points.py"
 REGIMES = "tests/test_attention_regimes.py"
 BY_HAND = "tests/test_model_golden_by_hand.py"
 ANOMALY = "tests/test_model_anomaly.py"
+ORACLE = "tests/test_oracle_bias.py"
+PER_HEAD = "tests/test_alpha_per_head.py"
 
 # (name, file, original snippet, planted bug, pytest arguments: test files and -k selections)
 MUTANTS: tuple[Mutant, ...] = (
@@ -121,6 +123,19 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("anomaly-missing-climatology-loads", "modeling_topoflow.py",
            'if any(key.startswith("climatology.") for key in info["missing_keys"]):',
            'if False:', (ANOMALY,)),
+    # The oracle arm and per-head alpha (issue 14): the path read as its endpoints, one grid axis
+    # misplaced, the bias dropped from the fast path, the heads sharing one alpha.
+    Mutant("oracle-net-rise-not-ascent", "attention_topoflow.py",
+           "climb = torch.relu(profile.diff(dim=-1)).sum(dim=-1)",
+           "climb = torch.relu(profile[..., -1] - profile[..., 0])", (ORACLE,)),
+    Mutant("oracle-centre-off-by-half-cell", "attention_topoflow.py",
+           "centre = (torch.arange(cols, dtype=torch.float32) + 0.5) * patch_size - 0.5",
+           "centre = (torch.arange(cols, dtype=torch.float32) + 0.5) * patch_size", (ORACLE,)),
+    Mutant("oracle-sdpa-drops-bias", "attention_topoflow.py",
+           "attn_mask=bias.to(query.dtype),", "attn_mask=None,", (ORACLE,)),
+    Mutant("per-head-alpha-shared", "attention_topoflow.py",
+           "alpha = alpha.to(dtype).reshape(1, -1, 1, 1)",
+           "alpha = alpha.to(dtype).mean().reshape(1, 1, 1, 1)", (PER_HEAD,)),
 )
 
 
