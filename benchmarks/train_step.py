@@ -10,10 +10,15 @@ one step is measured. Sizes:
                made the previous topoflow-base (D = 64, full-field head, no calendar inputs)
     n2048      the `base` preset on the researchers' 128 x 256 grid at patch 4 (N = 2048 tokens)
     reference  TopoFlowConfig() itself: 128 x 256, patch 2 (N = 8192), D = 768, depth 6
+    worlds     the `worlds` preset on the terrain worlds' 16 x 32 grid (patch 2: N = 128)
+
+`--ablations` adds the issue-14 arms whose bias is materialized (B, heads, N, N): the oracle
+(`elevation_bias_rise="path"`, upslope) and one alpha per head (`elevation_alpha_per_head`).
 
     python benchmarks/train_step.py                        # default size, batch 8
     python benchmarks/train_step.py --size n2048           # batch 8
     python benchmarks/train_step.py --size reference --batch 1 --steps 2
+    python benchmarks/train_step.py --size worlds --ablations
 
 Not a test: the numbers and the issue-17 target (TopoFlow >= 0.95x the baseline's samples/s at the
 default size and at N = 2048) are printed side by side.
@@ -44,17 +49,23 @@ SIZES = {
     "default": {**preset_for_timing("base"), "img_size": (32, 64)},
     "n2048": {**preset_for_timing("base"), "img_size": (128, 256)},
     "reference": {},
+    "worlds": {**preset_for_timing("worlds", lead_times_hours=(12, 24)), "img_size": (16, 32),
+               "lead_times_hours": (12, 24)},
+}
+ABLATIONS = {
+    "oracle": {"elevation_bias_rise": "path", "elevation_bias_direction": "upslope"},
+    "per_head": {"elevation_alpha_per_head": True, "elevation_bias_direction": "upslope"},
 }
 # The `base` preset before issue 12 (how the previous topoflow-base was trained).
 PREVIOUS_BASE = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0,
                  "decoder_depth": 2, "drop_path": 0.1, "drop_rate": 0.0, "img_size": (32, 64)}
 
 
-def make_config(size: str, biased: bool) -> TopoFlowConfig:
+def make_config(size: str, biased: bool, **ablation: object) -> TopoFlowConfig:
     # alpha = 2 (the paper's init) keeps the clamp inactive for terrain up to 5000 m, so the
     # biased block runs the sorted-token path rather than its clamp fallback.
     extra = {"elevation_bias_blocks": [0], "elevation_alpha_init": 2.0} if biased else {}
-    return TopoFlowConfig(**SIZES[size], **extra)
+    return TopoFlowConfig(**SIZES[size], **extra, **ablation)
 
 
 def make_batch(config: TopoFlowConfig, batch: int, seed: int) -> dict[str, torch.Tensor]:
@@ -125,6 +136,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1,
                         help="1 by default: on a shared machine, waiting threads dominate")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also time the oracle and per-head-alpha arms (materialized bias)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch_size = args.batch or (1 if args.size == "reference" else 8)
@@ -132,6 +145,9 @@ def main() -> None:
     models = {"baseline": make_config(args.size, False), "topoflow": make_config(args.size, True)}
     if args.size == "default":
         models["previous"] = TopoFlowConfig(**PREVIOUS_BASE)
+    if args.ablations:
+        models.update({name: make_config(args.size, True, **ablation)
+                       for name, ablation in ABLATIONS.items()})
     steps = {}
     for name, config in models.items():
         model = TopoFlowForForecasting(config)
@@ -158,6 +174,10 @@ def main() -> None:
     print(f"  topoflow / baseline samples/s: {rate['topoflow'] / rate['baseline']:.3f} wall, "
           f"{cpu_rate['topoflow'] / cpu_rate['baseline']:.3f} CPU time "
           "(target >= 0.95 at the default size and at N = 2048)")
+    for name in ABLATIONS:
+        if name in rate:
+            print(f"  {name} / baseline samples/s: {rate[name] / rate['baseline']:.3f} wall, "
+                  f"{cpu_rate[name] / cpu_rate['baseline']:.3f} CPU time")
     if "previous" in rate:
         print(f"  base preset / previous base preset samples/s: "
               f"{rate['baseline'] / rate['previous']:.3f}")
