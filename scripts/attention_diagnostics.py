@@ -165,6 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import topoflow  # noqa: F401  (short names)
 
     model = TopoFlowForForecasting.from_pretrained(args.model).eval()
+    config = model.config
+    if config.elevation_bias_rise != "endpoint" or config.elevation_alpha_per_head:
+        # _block_attention rebuilds the endpoint bias with one alpha per block.
+        parser.error(f"{args.model}: elevation_bias_rise={config.elevation_bias_rise!r}, "
+                     f"elevation_alpha_per_head={config.elevation_alpha_per_head}: only the "
+                     "endpoint bias with one alpha per block is diagnosed here")
     corpus = args.corpus
     if corpus is None:
         from topoflow.corpus import build_default_corpus
