@@ -238,6 +238,10 @@ _ARCHITECTURE_KEYS = (
     ("H_scale (m)", "elevation_scale"),
     ("alpha init", "elevation_alpha_init"),
     ("bias direction", "elevation_bias_direction"),
+    ("bias rise (endpoint / path)", "elevation_bias_rise"),
+    ("one alpha per head", "elevation_alpha_per_head"),
+    ("bias placebo", "elevation_bias_placebo"),
+    ("elevation channel masked", "elevation_input_masked"),
 )
 
 
