@@ -261,6 +261,7 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
     figures = []
     placebos = {r.arm: bool(_run_config(r.path).get("elevation_bias_placebo")) for r in records}
     rises = {r.arm: _run_config(r.path).get("elevation_bias_rise", "endpoint") for r in records}
+    per_head = {r.arm: bool(_run_config(r.path).get("elevation_alpha_per_head")) for r in records}
     curves: dict[str, dict[int, tuple]] = {}
     for r in records:
         curves.setdefault(r.arm, {})[r.seed] = read_val_curve(r.path)
@@ -299,6 +300,9 @@ def _figures(out: Path, comparisons: Mapping[str, ArmComparison], records: Seque
             if rises.get(arm) == "path":
                 caption += (" The bias reads the total ascent along the straight path between "
                             "the patch centres (the oracle), not the two patch means.")
+            if per_head.get(arm):
+                caption += (" This arm learns one alpha per head; the panel uses their mean "
+                            "(each head's value is in the runs' report.json).")
             if placebos.get(arm):
                 caption += (" This is a placebo arm: the model computes this bias from a random "
                             "per-sample shuffle of the patch heights, not from this geography.")
