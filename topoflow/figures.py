@@ -369,11 +369,15 @@ def plot_attention_bias(
     for ax in (ax_z, ax_b):
         ax.plot([qx], [qy], marker="*", ms=14, color="cyan", mec="black")
         ax.tick_params(labelsize=7)
-    fig.suptitle(
-        "Elevation attention bias: a low query beside a range is penalized for attending uphill"
-        if direction == "downslope" else
-        "Elevation attention bias (upslope): a high query is penalized for attending to lower "
-        "terrain",
-        fontsize=10,
-    )
+    if rise == "path":
+        title = ("Oracle attention bias: the query pays for the total climb from each source up "
+                 "to itself" if direction == "upslope" else "Oracle attention bias (downslope): "
+                 "the query pays for the total climb from itself up to each source")
+    elif direction == "downslope":
+        title = ("Elevation attention bias: a low query beside a range is penalized for "
+                 "attending uphill")
+    else:
+        title = ("Elevation attention bias (upslope): a high query is penalized for attending to "
+                 "lower terrain")
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
