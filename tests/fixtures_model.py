@@ -99,3 +99,20 @@ def tiny_config() -> TopoFlowConfig:
 @pytest.fixture
 def tiny_batch(tiny_config: TopoFlowConfig) -> dict[str, Any]:
     return make_tiny_batch(tiny_config)
+
+
+def model_for_arm(arm: str, corpus: Any, folder: Any) -> Any:
+    """The model `train_accelerate.py --from-scratch` builds for an experiment arm (name or spec),
+    from a tiny preset written to `folder`, on the metadata of `corpus`: what an arm's flags
+    really set in the config."""
+    import train_accelerate
+    from topoflow.corpus.schema import CorpusMetadata
+    from topoflow.experiment.arms import parse_arm
+    from topoflow.training.args import parse_args
+
+    config_file = folder / "config.json"
+    config_file.write_text('{"patch_size": 2, "embed_dim": 8, "depth": 2, "num_heads": 2}')
+    args = parse_args(["--from-scratch", "--config", str(config_file),
+                       *parse_arm(arm).train_args()])  # fmt: skip
+    model, _, _ = train_accelerate.load_model(args, CorpusMetadata.load(corpus), None)
+    return model

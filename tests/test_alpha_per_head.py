@@ -10,10 +10,7 @@ import torch
 import train_accelerate
 from attention_topoflow import elevation_biased_attention, endpoint_rise, rise_biased_attention
 from modeling_topoflow import TopoFlowForForecasting
-from tests.fixtures_model import make_tiny_batch, make_tiny_config
-from topoflow.corpus.schema import CorpusMetadata
-from topoflow.experiment.arms import parse_arm
-from topoflow.training.args import parse_args
+from tests.fixtures_model import make_tiny_batch, make_tiny_config, model_for_arm
 
 
 def test_each_head_gets_the_bias_of_its_own_alpha() -> None:
@@ -93,13 +90,9 @@ def test_per_head_alphas_are_saved_logged_and_refused_when_malformed(tmp_path: P
 
 
 def test_the_per_head_arm_reaches_the_model_config(synthetic_corpus: Path, tmp_path: Path) -> None:
-    config_file = tmp_path / "config.json"
-    config_file.write_text('{"patch_size": 2, "embed_dim": 8, "depth": 2, "num_heads": 2}')
     for arm, expected in (("upslope-heads", True), ("upslope", False),
                           ("x:blocks=0;per_head=true", True)):
-        args = parse_args(["--from-scratch", "--config", str(config_file),
-                           *parse_arm(arm).train_args()])  # fmt: skip
-        model, _, _ = train_accelerate.load_model(args, CorpusMetadata.load(synthetic_corpus), None)
+        model = model_for_arm(arm, synthetic_corpus, tmp_path)
         assert model.config.elevation_alpha_per_head is expected
         shape = model.topoflow.blocks[0].attn.elevation_alpha.shape
         assert shape == ((2,) if expected else ())

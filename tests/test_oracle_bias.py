@@ -10,15 +10,12 @@ import pytest
 import torch
 from scipy.ndimage import map_coordinates
 
-import train_accelerate
 from attention_topoflow import oriented_ascent, path_ascent_matrix
 from modeling_topoflow import TopoFlowForForecasting, patch_mean_elevation, shuffle_patch_pairs
-from tests.fixtures_model import make_tiny_batch, make_tiny_config
-from topoflow.corpus.schema import CorpusMetadata
+from tests.fixtures_model import make_tiny_batch, make_tiny_config, model_for_arm
 from topoflow.corpus.worlds import world_terrain
 from topoflow.experiment.arms import parse_arm
 from topoflow.figures import path_bias_row
-from topoflow.training.args import parse_args
 
 
 def test_a_ridge_between_two_low_patches_costs_its_height_both_ways() -> None:
@@ -180,11 +177,7 @@ def test_the_rise_is_validated_and_saved(tmp_path: Path) -> None:
 def test_the_oracle_arms_reach_the_model_config(
     synthetic_corpus: Path, tmp_path: Path, arm: str, rise: str, placebo: bool,
 ) -> None:
-    config_file = tmp_path / "config.json"
-    config_file.write_text('{"patch_size": 2, "embed_dim": 8, "depth": 2, "num_heads": 2}')
-    args = parse_args(["--from-scratch", "--config", str(config_file),
-                       *parse_arm(arm).train_args()])  # fmt: skip
-    model, _, _ = train_accelerate.load_model(args, CorpusMetadata.load(synthetic_corpus), None)
+    model = model_for_arm(arm, synthetic_corpus, tmp_path)
     config = model.config
     assert (config.elevation_bias_rise, config.elevation_bias_placebo) == (rise, placebo)
     with pytest.raises(ValueError, match="rise must be one of"):

@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import train_accelerate
 from modeling_topoflow import TopoFlowForForecasting, shuffle_patch_heights
-from tests.fixtures_model import make_tiny_batch, make_tiny_config
-from topoflow.corpus.schema import CorpusMetadata
+from tests.fixtures_model import make_tiny_batch, make_tiny_config, model_for_arm
 from topoflow.corpus.worlds import world_terrain
 from topoflow.experiment.arms import UnknownArmError, parse_arm
-from topoflow.training.args import parse_args
 
 
 def _world_heights(count: int) -> torch.Tensor:
@@ -141,11 +138,7 @@ def test_arm_flags_reach_the_model_config(
     synthetic_corpus: Path, tmp_path: Path, arm: str, placebo: bool, masked: bool,
     direction: str, blocks: list[int],
 ) -> None:
-    config_file = tmp_path / "config.json"
-    config_file.write_text('{"patch_size": 2, "embed_dim": 8, "depth": 2, "num_heads": 2}')
-    args = parse_args(["--from-scratch", "--config", str(config_file),
-                       *parse_arm(arm).train_args()])  # fmt: skip
-    model, _, _ = train_accelerate.load_model(args, CorpusMetadata.load(synthetic_corpus), None)
+    model = model_for_arm(arm, synthetic_corpus, tmp_path)
     config = model.config
     assert (config.elevation_bias_placebo, config.elevation_input_masked) == (placebo, masked)
     assert config.elevation_bias_direction == direction and config.elevation_bias_blocks == blocks
